@@ -1,0 +1,189 @@
+"""Convolution kernels as matrices: image patches in the kernel's own flatten order.
+
+A Flax `nn.Conv` with kernel of shape (*window, cin/groups, cout) computes, at each output
+position, for each feature group g, the product of the patch under the window (restricted to the
+group's input channels) with the group's kernel matrix of shape (N0g, N1g), where
+N0g = prod(window)·cin/groups and N1g = cout/groups. GPFQ therefore quantizes a conv layer as
+`groups` dense layers whose calibration rows are patches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+__all__ = ["ConvGeometry", "conv_patches", "kernel_to_matrix", "matrix_to_kernel"]
+
+Padding = str | int | Sequence[int] | Sequence[tuple[int, int]]
+
+
+def _as_tuple(value, ndim: int, name: str) -> tuple[int, ...]:
+    if value is None:
+        return (1,) * ndim
+    if isinstance(value, int):
+        return (value,) * ndim
+    value = tuple(value)
+    if len(value) != ndim or not all(isinstance(v, int) and v >= 1 for v in value):
+        raise ValueError(f"{name} must be a positive int or {ndim} positive ints, got {value}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvGeometry:
+    """The hyper-parameters of an `nn.Conv` that decide which inputs each output sees.
+
+    Attributes:
+      kernel_size: the window (kh, kw) (any number of spatial dimensions).
+      strides: window strides, one per spatial dimension.
+      padding: "SAME", "VALID", "CIRCULAR", an int, or one (low, high) pair per spatial dimension
+        (Flax's conventions).
+      input_dilation: dilation of the input (transposed-convolution style).
+      kernel_dilation: dilation of the window (atrous convolution).
+      feature_group_count: the number of feature groups (cin and cout are split into as many).
+    """
+
+    kernel_size: tuple[int, ...]
+    strides: tuple[int, ...] = ()
+    padding: Padding = "SAME"
+    input_dilation: tuple[int, ...] = ()
+    kernel_dilation: tuple[int, ...] = ()
+    feature_group_count: int = 1
+
+    def __post_init__(self):
+        ks = self.kernel_size
+        ks = (ks,) if isinstance(ks, int) else tuple(ks)
+        if not ks or not all(isinstance(k, int) and k >= 1 for k in ks):
+            raise ValueError(f"kernel_size must be positive ints, got {self.kernel_size}")
+        ndim = len(ks)
+        set_ = lambda name, value: object.__setattr__(self, name, value)
+        set_("kernel_size", ks)
+        for name in ("strides", "input_dilation", "kernel_dilation"):
+            value = getattr(self, name)
+            set_(name, _as_tuple(value if value != () else None, ndim, name))
+        if not isinstance(self.feature_group_count, int) or self.feature_group_count < 1:
+            raise ValueError(f"feature_group_count must be >= 1, got {self.feature_group_count}")
+        set_("padding", self._normalized_padding(self.padding, ndim))
+
+    @staticmethod
+    def _normalized_padding(padding: Padding, ndim: int):
+        if isinstance(padding, str):
+            if padding.upper() not in ("SAME", "VALID", "CIRCULAR"):
+                raise ValueError(
+                    f"padding {padding!r} is not supported; use SAME, VALID, CIRCULAR or explicit pads"
+                )
+            return padding.upper()
+        if isinstance(padding, int):
+            return ((padding, padding),) * ndim
+        pads = tuple(padding)
+        if len(pads) == ndim and all(isinstance(p, int) for p in pads):
+            return tuple((p, p) for p in pads)
+        if len(pads) == ndim and all(len(p) == 2 for p in pads):
+            return tuple((int(lo), int(hi)) for lo, hi in pads)
+        raise ValueError(f"padding must be a string, an int or {ndim} (low, high) pairs: {padding}")
+
+    @classmethod
+    def from_module(cls, conv) -> ConvGeometry:
+        """The geometry of a Flax `nn.Conv` module instance."""
+        for attr in ("kernel_size", "padding", "feature_group_count"):
+            if not hasattr(conv, attr):
+                raise ValueError(f"{type(conv).__name__} is not an nn.Conv-like module (no {attr})")
+        return cls(
+            kernel_size=tuple(conv.kernel_size),
+            strides=conv.strides if conv.strides is not None else (),
+            padding=conv.padding,
+            input_dilation=conv.input_dilation if conv.input_dilation is not None else (),
+            kernel_dilation=conv.kernel_dilation if conv.kernel_dilation is not None else (),
+            feature_group_count=conv.feature_group_count,
+        )
+
+    @property
+    def window_size(self) -> int:
+        return math.prod(self.kernel_size)
+
+
+def conv_patches(images: ArrayLike, geometry: ConvGeometry) -> jax.Array:
+    """The patch matrices of a batch of images, one per feature group.
+
+    Args:
+      images: inputs of the conv layer, shape (batch, *spatial, cin).
+      geometry: the layer's `ConvGeometry`.
+
+    Returns:
+      Patches of shape (groups, m, N0g), m = batch·(number of output positions),
+      N0g = prod(kernel_size)·cin/groups, each row ordered like the group's kernel flattened with
+      `kernel_to_matrix`, so that patches @ kernel_to_matrix(kernel) equals the conv output.
+    """
+    images = jnp.asarray(images)
+    ndim = len(geometry.kernel_size)
+    if images.ndim != ndim + 2:
+        raise ValueError(
+            f"images must have shape (batch, *spatial, cin) with {ndim} spatial dimensions for a "
+            f"{geometry.kernel_size} kernel, got shape {images.shape}"
+        )
+    cin = images.shape[-1]
+    groups = geometry.feature_group_count
+    if cin % groups:
+        raise ValueError(f"{cin} input channels do not split into {groups} feature groups")
+    padding = geometry.padding
+    if padding == "CIRCULAR":
+        # As flax.linen.Conv: wrap-pad so that the output has the input's size, then VALID.
+        dilated = [(k - 1) * d + 1 for k, d in zip(geometry.kernel_size, geometry.kernel_dilation)]
+        pads = [((k - 1) // 2, k // 2) for k in dilated]
+        images = jnp.pad(images, [(0, 0), *pads, (0, 0)], mode="wrap")
+        padding = "VALID"
+    spatial = "".join("DHW"[-ndim:]) if ndim <= 3 else None
+    if spatial is None:
+        raise ValueError(f"at most 3 spatial dimensions are supported, got {ndim}")
+    dimension_numbers = (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")
+    patches = jax.lax.conv_general_dilated_patches(
+        images,
+        filter_shape=geometry.kernel_size,
+        window_strides=geometry.strides,
+        padding=padding,
+        lhs_dilation=geometry.input_dilation,
+        rhs_dilation=geometry.kernel_dilation,
+        dimension_numbers=dimension_numbers,
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    # Features come ordered (cin, *window); the kernel flattens as (*window, cin_g) per group.
+    window = geometry.window_size
+    patches = patches.reshape(-1, groups, cin // groups, window)
+    return jnp.transpose(patches, (1, 0, 3, 2)).reshape(groups, -1, window * (cin // groups))
+
+
+def kernel_to_matrix(kernel: ArrayLike, geometry: ConvGeometry) -> jax.Array:
+    """A conv kernel (*window, cin/groups, cout) as `groups` matrices (groups, N0g, N1g)."""
+    kernel = jnp.asarray(kernel)
+    _check_kernel(kernel, geometry)
+    groups = geometry.feature_group_count
+    cout = kernel.shape[-1]
+    matrix = kernel.reshape(-1, groups, cout // groups)
+    return jnp.transpose(matrix, (1, 0, 2))
+
+
+def matrix_to_kernel(matrices: ArrayLike, geometry: ConvGeometry) -> jax.Array:
+    """The inverse of `kernel_to_matrix`: (groups, N0g, N1g) back to (*window, cin/groups, cout)."""
+    matrices = jnp.asarray(matrices)
+    groups, n0g, n1g = matrices.shape
+    if groups != geometry.feature_group_count or n0g % geometry.window_size:
+        raise ValueError(f"matrices of shape {matrices.shape} do not fit {geometry}")
+    kernel = jnp.transpose(matrices, (1, 0, 2))
+    return kernel.reshape(*geometry.kernel_size, n0g // geometry.window_size, groups * n1g)
+
+
+def _check_kernel(kernel: jax.Array, geometry: ConvGeometry) -> None:
+    ndim = len(geometry.kernel_size)
+    if kernel.ndim != ndim + 2 or tuple(kernel.shape[:ndim]) != geometry.kernel_size:
+        raise ValueError(
+            f"kernel must have shape (*{geometry.kernel_size}, cin/groups, cout), got {kernel.shape}"
+        )
+    if kernel.shape[-1] % geometry.feature_group_count:
+        raise ValueError(
+            f"{kernel.shape[-1]} output channels do not split into "
+            f"{geometry.feature_group_count} feature groups"
+        )
