@@ -119,7 +119,7 @@ class Alphabet:
         if self.letters.ndim == 1:
             return self.letters[codes]
         return jnp.take_along_axis(
-            jnp.broadcast_to(self.letters, codes.shape + (self.size,)), codes[..., None], axis=-1
+            jnp.broadcast_to(self.letters, (*codes.shape, self.size)), codes[..., None], axis=-1
         )[..., 0]
 
     def project(self, x: ArrayLike) -> jax.Array:
@@ -220,10 +220,7 @@ def from_letters(letters: ArrayLike) -> Alphabet:
         )
     if not np.issubdtype(arr.dtype, np.number) or not np.all(np.isfinite(arr)):
         raise ValueError("letters must be finite numbers")
-    if arr.ndim == 1:
-        arr = np.unique(arr)
-    else:
-        arr = np.sort(arr, axis=-1)
+    arr = np.unique(arr) if arr.ndim == 1 else np.sort(arr, axis=-1)
     return Alphabet(letters=jnp.asarray(arr, dtype=jnp.result_type(float)))
 
 

@@ -467,8 +467,8 @@ def gpfq_conv(
     cin = matrices.shape[1] // geometry.window_size * geometry.feature_group_count
     if x.ndim != len(geometry.kernel_size) + 2 or x.shape[-1] != cin:
         raise ValueError(
-            f"x must have shape (batch, *spatial, {cin}) for a kernel of shape {jnp.shape(kernel)}, "
-            f"got {x.shape}"
+            f"x must have shape (batch, *spatial, {cin}) for a kernel of shape "
+            f"{jnp.shape(kernel)}, got {x.shape}"
         )
     _check_finite("x", x)
     _check_finite("x_tilde", x_tilde)
@@ -479,15 +479,17 @@ def gpfq_conv(
             raise ValueError("patch_fraction needs a PRNG key")
     group_alphabet = _split_channels(alphabet, geometry.feature_group_count)
 
+    step = x.shape[0] if batch_size is None else batch_size
+    starts = range(0, x.shape[0], step)
+    keys = (
+        jax.random.split(key, len(starts)) if patch_fraction is not None else [None] * len(starts)
+    )
+
     def patch_batches():
-        step = x.shape[0] if batch_size is None else batch_size
-        for start, batch_key in zip(
-            range(0, x.shape[0], step),
-            jax.random.split(key, -(-x.shape[0] // step)) if key is not None else _nones(),
-        ):
+        for start, batch_key in zip(starts, keys, strict=True):
             patches = conv_patches(x[start : start + step], geometry)
             patches_tilde = conv_patches(x_tilde[start : start + step], geometry)
-            if patch_fraction is not None:
+            if batch_key is not None:
                 m = patches.shape[1]
                 keep = jax.random.choice(
                     batch_key, m, (max(1, round(patch_fraction * m)),), replace=False
@@ -503,7 +505,9 @@ def gpfq_conv(
             matrices, stats, group_alphabet, block_size=block_size, dead_tol=dead_tol
         )
     elif method == "residual":
-        patches, patches_tilde = (jnp.concatenate(p, axis=1) for p in zip(*patch_batches()))
+        patches, patches_tilde = (
+            jnp.concatenate(p, axis=1) for p in zip(*patch_batches(), strict=True)
+        )
         _check_alphabet(alphabet)
         quantize = jax.vmap(
             functools.partial(_gpfq_residual, dead_tol=dead_tol),
@@ -513,11 +517,6 @@ def gpfq_conv(
     else:
         raise ValueError(f"unknown method {method!r}; expected 'gram' or 'residual'")
     return matrix_to_kernel(q, geometry)
-
-
-def _nones():
-    while True:
-        yield None
 
 
 def _split_channels(alphabet: AnyAlphabet, groups: int) -> AnyAlphabet:

@@ -74,7 +74,8 @@ class ConvGeometry:
         if isinstance(padding, str):
             if padding.upper() not in ("SAME", "VALID", "CIRCULAR"):
                 raise ValueError(
-                    f"padding {padding!r} is not supported; use SAME, VALID, CIRCULAR or explicit pads"
+                    f"padding {padding!r} is not supported; "
+                    "use SAME, VALID, CIRCULAR or explicit (low, high) pads"
                 )
             return padding.upper()
         if isinstance(padding, int):
@@ -132,7 +133,10 @@ def conv_patches(images: ArrayLike, geometry: ConvGeometry) -> jax.Array:
     padding = geometry.padding
     if padding == "CIRCULAR":
         # As flax.linen.Conv: wrap-pad so that the output has the input's size, then VALID.
-        dilated = [(k - 1) * d + 1 for k, d in zip(geometry.kernel_size, geometry.kernel_dilation)]
+        dilated = [
+            (k - 1) * d + 1
+            for k, d in zip(geometry.kernel_size, geometry.kernel_dilation, strict=True)
+        ]
         pads = [((k - 1) // 2, k // 2) for k in dilated]
         images = jnp.pad(images, [(0, 0), *pads, (0, 0)], mode="wrap")
         padding = "VALID"
@@ -180,7 +184,8 @@ def _check_kernel(kernel: jax.Array, geometry: ConvGeometry) -> None:
     ndim = len(geometry.kernel_size)
     if kernel.ndim != ndim + 2 or tuple(kernel.shape[:ndim]) != geometry.kernel_size:
         raise ValueError(
-            f"kernel must have shape (*{geometry.kernel_size}, cin/groups, cout), got {kernel.shape}"
+            f"kernel must have shape (*{geometry.kernel_size}, cin/groups, cout), "
+            f"got {kernel.shape}"
         )
     if kernel.shape[-1] % geometry.feature_group_count:
         raise ValueError(
