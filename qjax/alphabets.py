@@ -2,14 +2,14 @@
 
 An alphabet is a pytree, so it can be passed through `jax.jit` and `jax.vmap`. Two kinds:
 
-* `UniformAlphabet`: equally spaced letters a_k = lowest + k·step, k = 0..size-1. This covers the
-  symmetric alphabets {-K..K}·δ of the GPFQ papers (K = 1 is ternary), binary {±δ}, and the
-  reference code's radius·linspace(-1, 1, n). Projection is a rounding of (x - lowest) / step, with
-  no search over letters.
+* `UniformAlphabet`: zero-centred, equally spaced letters step·(k - (size-1)/2), k = 0..size-1.
+  This covers the symmetric alphabets {-K..K}·δ of the GPFQ papers (K = 1 is ternary), binary
+  {±δ}, and the reference code's radius·linspace(-1, 1, n). Projection is a rounding of
+  x / step, with no search over letters.
 * `Alphabet`: any sorted set of letters.
 
-`lowest` and `step` (or `letters`) are either scalars (one alphabet for the layer) or carry a last
-axis of length N1 (one alphabet per output neuron, "per channel"); they broadcast against a Flax
+`step` (or `letters`) is either a scalar (one alphabet for the layer) or carry a last
+axis of length N1 (one alphabet per output neuron, "per channel"); it broadcasts against a Flax
 kernel of shape (..., N1).
 
 Scale rules. The scale constant C sets the largest letter, the radius R:
@@ -59,33 +59,40 @@ def _check_positive_finite(name: str, value: jax.Array) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class UniformAlphabet:
-    """Equally spaced letters lowest + k·step for k = 0..size-1.
+    """Zero-centred, equally spaced letters a_k = step·(k - (size-1)/2), k = 0..size-1.
+
+    Odd sizes give {-K..K}·δ (with 0), even sizes {±δ/2, ±3δ/2, ...} (no 0). A letter is one
+    product of `step` and a small half-integer, so it is bit-identical wherever it is computed.
 
     Attributes:
-      lowest: the smallest letter a_0, a scalar or an array of shape (N1,) (per neuron).
-      step: the spacing between letters (δ for symmetric alphabets), same shape as `lowest`.
+      step: the spacing δ between letters, a scalar or an array of shape (N1,) (per neuron).
       size: the number of letters (static: it is part of the pytree's structure).
     """
 
-    lowest: jax.Array
     step: jax.Array
     size: int
 
     @property
+    def _center(self) -> float:
+        return (self.size - 1) / 2
+
+    @property
     def letters(self) -> jax.Array:
-        """The letters, shape lowest.shape + (size,)."""
-        k = jnp.arange(self.size, dtype=jnp.result_type(self.step))
-        return self.lowest[..., None] + self.step[..., None] * k
+        """The letters, shape step.shape + (size,)."""
+        step = jnp.asarray(self.step)
+        offsets = jnp.arange(self.size, dtype=step.dtype) - self._center  # exact half-integers
+        return offsets * step[..., None]
 
     def codes(self, x: ArrayLike) -> jax.Array:
-        """Index k (int32) of the letter nearest to each entry of x; ties round half to even."""
+        """Index k (int32) of the letter nearest to each entry of x; ties round half to even k."""
         x = jnp.asarray(x)
-        k = jnp.round((x - self.lowest) / self.step)
+        k = jnp.round(x / self.step + self._center)
         return jnp.clip(k, 0, self.size - 1).astype(jnp.int32)
 
     def decode(self, codes: ArrayLike) -> jax.Array:
-        """Letters a_k for integer codes k."""
-        return self.lowest + self.step * jnp.asarray(codes, dtype=jnp.result_type(self.step))
+        """Letters a_k for integer codes k (per-neuron steps broadcast on the last axis)."""
+        step = jnp.asarray(self.step)
+        return (jnp.asarray(codes, dtype=step.dtype) - self._center) * step
 
     def project(self, x: ArrayLike) -> jax.Array:
         """Nearest letter Q(x) for each entry of x, in x's dtype."""
@@ -127,7 +134,7 @@ class Alphabet:
         return self.decode(self.codes(x)).astype(x.dtype)
 
 
-for _cls, _data in ((UniformAlphabet, ["lowest", "step"]), (Alphabet, ["letters"])):
+for _cls, _data in ((UniformAlphabet, ["step"]), (Alphabet, ["letters"])):
     jax.tree_util.register_dataclass(
         _cls,
         data_fields=_data,
@@ -156,7 +163,7 @@ def uniform(num_letters: int, radius: ArrayLike) -> UniformAlphabet:
         raise ValueError(f"num_letters must be an integer >= 2, got {num_letters!r}")
     radius = jnp.asarray(radius, dtype=jnp.result_type(float))
     _check_positive_finite("radius", radius)
-    return UniformAlphabet(lowest=-radius, step=2 * radius / (num_letters - 1), size=num_letters)
+    return UniformAlphabet(step=2 * radius / (num_letters - 1), size=num_letters)
 
 
 def symmetric(K: int, delta: ArrayLike) -> UniformAlphabet:
@@ -170,14 +177,14 @@ def symmetric(K: int, delta: ArrayLike) -> UniformAlphabet:
         raise ValueError(f"K must be an integer >= 1, got {K!r}")
     delta = jnp.asarray(delta, dtype=jnp.result_type(float))
     _check_positive_finite("delta", delta)
-    return UniformAlphabet(lowest=-K * delta, step=delta, size=2 * K + 1)
+    return UniformAlphabet(step=delta, size=2 * K + 1)
 
 
 def binary(delta: ArrayLike) -> UniformAlphabet:
     """The binary alphabet {-δ, +δ}."""
     delta = jnp.asarray(delta, dtype=jnp.result_type(float))
     _check_positive_finite("delta", delta)
-    return UniformAlphabet(lowest=-delta, step=2 * delta, size=2)
+    return UniformAlphabet(step=2 * delta, size=2)
 
 
 def num_letters_for_bits(bits: int) -> int:

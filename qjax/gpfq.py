@@ -54,7 +54,7 @@ __all__ = [
     "relative_error",
 ]
 
-DEFAULT_BLOCK_SIZE = 128
+DEFAULT_BLOCK_SIZE = 64
 DEFAULT_DEAD_TOL = 1e-12
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -167,8 +167,9 @@ def gram_stats(
       `GramStats`.
     """
     x = _check_matrix("x", x)
+    dtype = jnp.result_type(x.dtype, jnp.float32)  # float64 inputs keep float64 (with x64)
     stats = gram_stats_init(
-        x.shape[-1], batch_shape=x.shape[:-2], track_error=track_error, dtype=jnp.float32
+        x.shape[-1], batch_shape=x.shape[:-2], track_error=track_error, dtype=dtype
     )
     m = x.shape[-2]
     step = m if batch_size is None else batch_size
@@ -234,7 +235,8 @@ def _neuron_gram(
             t = start + j
             argument = (target[t] - correction[j]) / diag[t]
             q_t = alphabet.project(jnp.where(dead[t], jnp.zeros_like(argument), argument))
-            return correction + block_gram[:, j] * q_t, q_t
+            # G is symmetric: row j is column j, and rows are contiguous.
+            return correction + block_gram[j] * q_t, q_t
 
         _, q_block = jax.lax.scan(input_step, earlier, jnp.arange(block_size))
         return jax.lax.dynamic_update_slice_in_dim(q, q_block.astype(q.dtype), start, axis=0)
