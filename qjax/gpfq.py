@@ -500,7 +500,11 @@ def gpfq_conv(
             yield patches, patches_tilde
 
     if method == "gram":
-        stats = gram_stats_init(matrices.shape[1], batch_shape=(geometry.feature_group_count,))
+        stats = gram_stats_init(
+            matrices.shape[1],
+            batch_shape=(geometry.feature_group_count,),
+            dtype=jnp.result_type(x.dtype, jnp.float32),
+        )
         for patches, patches_tilde in patch_batches():
             stats = gram_stats_update(stats, patches, patches_tilde)
         q = gpfq_from_stats(

@@ -133,11 +133,10 @@ def conv_patches(images: ArrayLike, geometry: ConvGeometry) -> jax.Array:
     padding = geometry.padding
     if padding == "CIRCULAR":
         # As flax.linen.Conv: wrap-pad so that the output has the input's size, then VALID.
-        dilated = [
-            (k - 1) * d + 1
+        pads = [
+            (((k - 1) * d) // 2, ((k - 1) * d + 1) // 2)
             for k, d in zip(geometry.kernel_size, geometry.kernel_dilation, strict=True)
         ]
-        pads = [((k - 1) // 2, k // 2) for k in dilated]
         images = jnp.pad(images, [(0, 0), *pads, (0, 0)], mode="wrap")
         padding = "VALID"
     spatial = "".join("DHW"[-ndim:]) if ndim <= 3 else None
