@@ -1,0 +1,174 @@
+"""Benchmark of GPFQ on one layer: time over the floor of the method, memory, speed-up over NumPy.
+
+The floor is the time of just computing X~ᵀX~ and X~ᵀX with a jitted matmul, which every
+data-aware method must do. Everything is measured in this one run, on the same data:
+
+    python -m benchmarks.gpfq_layer            # the issue's sizes (a few minutes on 2 CPU cores)
+    python -m benchmarks.gpfq_layer --small    # a quick smoke run
+
+Targets: time / floor <= 1.5 for the dense layer (m=20000, N0=784, N1=500) and for the conv layer
+(3x3, 128 -> 128 channels, 256 CIFAR-sized images); peak memory of the "gram" method that does not
+grow with m.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import qjax
+from qjax import alphabets
+from qjax.gpfq import _gpfq_residual, _gram_stats_update_jit
+from qjax.patches import ConvGeometry, conv_patches, kernel_to_matrix
+from qjax.reference import gpfq_reference
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def best_time(fn, *, repeats: int = 3) -> float:
+    """Minimum wall time of fn() over `repeats` calls, after one warm-up (compilation) call."""
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+@jax.jit
+def gram_floor(x, x_tilde):
+    """The floor: X~ᵀX~ and X~ᵀX, one jitted program."""
+    return (
+        jnp.matmul(x_tilde.T, x_tilde, precision=_HIGHEST),
+        jnp.matmul(x_tilde.T, x, precision=_HIGHEST),
+    )
+
+
+def dense_inputs(key, m, n0, n1):
+    kx, kn, kw = jax.random.split(key, 3)
+    x = jax.nn.relu(jax.random.normal(kx, (m, n0)))
+    x_tilde = x + 0.05 * jax.random.normal(kn, (m, n0))
+    w = 0.05 * jax.random.normal(kw, (n0, n1))
+    return w, x, x_tilde
+
+
+def bench_dense(m, n0, n1, repeats):
+    w, x, x_tilde = dense_inputs(jax.random.key(0), m, n0, n1)
+    alphabet = alphabets.for_weights(w, c=2.0, bits=2)
+    floor = best_time(lambda: gram_floor(x, x_tilde), repeats=repeats)
+    layer = best_time(lambda: qjax.gpfq_layer(w, x, x_tilde, alphabet), repeats=repeats)
+    return floor, layer
+
+
+def bench_conv(images, cin, cout, size, repeats):
+    key_x, key_n, key_w = jax.random.split(jax.random.key(1), 3)
+    x = jax.nn.relu(jax.random.normal(key_x, (images, size, size, cin)))
+    x_tilde = x + 0.05 * jax.random.normal(key_n, x.shape)
+    kernel = 0.05 * jax.random.normal(key_w, (3, 3, cin, cout))
+    geometry = ConvGeometry((3, 3))
+    alphabet = alphabets.for_weights(kernel, c=2.0, bits=2, per_channel=True)
+    floor = conv_floor(x, x_tilde, geometry, repeats)
+    layer = best_time(
+        lambda: qjax.gpfq_conv(kernel, x, x_tilde, alphabet, geometry=geometry), repeats=repeats
+    )
+    return floor, layer, kernel_to_matrix(kernel, geometry).shape[1]
+
+
+def conv_floor(x, x_tilde, geometry, repeats):
+    """The floor on the patch matrices (their extraction is not counted)."""
+    patches, patches_tilde = conv_patches(x, geometry)[0], conv_patches(x_tilde, geometry)[0]
+    return best_time(lambda: gram_floor(patches, patches_tilde), repeats=repeats)
+
+
+def compiled_bytes(jitted, *args) -> int:
+    """Arguments + outputs + temporaries of one compiled XLA program (its peak footprint)."""
+    stats = jitted.lower(*args).compile().memory_analysis()
+    return stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
+
+
+def memory_rows(n0, n1, sizes, batch_rows):
+    """Peak program memory of both methods as m grows (the gram method streams `batch_rows`)."""
+    w = jax.ShapeDtypeStruct((n0, n1), jnp.float32)
+    alphabet = alphabets.symmetric(1, 1.0)
+    rows = []
+    for m in sizes:
+        batch = jax.ShapeDtypeStruct((min(m, batch_rows), n0), jnp.float32)
+        stats = qjax.gram_stats_init(n0)
+        gram_update = compiled_bytes(_gram_stats_update_jit, stats, batch, batch)
+        gram_scan = compiled_bytes(
+            jax.jit(lambda w, s, a: qjax.gpfq_from_stats(w, s, a)), w, stats, alphabet
+        )
+        full = jax.ShapeDtypeStruct((m, n0), jnp.float32)
+        residual = compiled_bytes(
+            jax.jit(lambda w, x, xt, a: _gpfq_residual(w, x, xt, a, dead_tol=1e-12)),
+            w,
+            full,
+            full,
+            alphabet,
+        )
+        rows.append((m, max(gram_update, gram_scan), residual))
+    return rows
+
+
+def numpy_speedup(m, n0, n1, neurons):
+    """GPFQ vs the NumPy reference loop, timed on `neurons` neurons and scaled to N1 (the
+    reference handles neurons one after another, so its time is linear in N1)."""
+    w, x, x_tilde = (np.asarray(a, np.float64) for a in dense_inputs(jax.random.key(2), m, n0, n1))
+    alphabet = alphabets.for_weights(w, c=2.0, bits=2)
+    start = time.perf_counter()
+    gpfq_reference(w[:, :neurons], x, x_tilde, np.asarray(alphabet.letters))
+    reference = (time.perf_counter() - start) * n1 / neurons
+    x32, xt32, w32 = (jnp.asarray(a, jnp.float32) for a in (x, x_tilde, w))
+    ours = best_time(lambda: qjax.gpfq_layer(w32, x32, xt32, alphabet))
+    return reference, ours
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="small sizes, for a quick check")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    small = args.small
+    dense = (2000, 196, 100) if small else (20_000, 784, 500)
+    conv = (16, 32, 32, 16) if small else (256, 128, 128, 32)
+
+    print(
+        f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}"
+    )
+    print("\n| layer | floor X~ᵀX~, X~ᵀX (s) | gpfq (s) | gpfq / floor | target |")
+    print("|---|---|---|---|---|")
+    floor, layer = bench_dense(*dense, args.repeats)
+    m, n0, n1 = dense
+    print(
+        f"| dense m={m} N0={n0} N1={n1} | {floor:.3f} | {layer:.3f} | {layer / floor:.2f} | ≤ 1.5 |"
+    )
+    images, cin, cout, size = conv
+    floor, layer, n0 = bench_conv(images, cin, cout, size, args.repeats)
+    print(
+        f"| conv 3x3 {cin}→{cout}, {images} images {size}x{size} (m={images * size * size}, "
+        f"N0={n0}) | {floor:.3f} | {layer:.3f} | {layer / floor:.2f} | ≤ 1.5 |"
+    )
+
+    sizes = (5_000, 20_000, 80_000) if not small else (1_000, 4_000, 16_000)
+    batch_rows = 4_096
+    print(f"\nPeak memory of the compiled programs (MiB), N0={dense[1]}, N1={dense[2]}")
+    print(f"(gram: statistics streamed {batch_rows} rows at a time, then the scan; residual: u_t)")
+    print("| m | gram | residual |")
+    print("|---|---|---|")
+    for m, gram_bytes, residual_bytes in memory_rows(dense[1], dense[2], sizes, batch_rows):
+        print(f"| {m} | {gram_bytes / 2**20:.1f} | {residual_bytes / 2**20:.1f} |")
+
+    reference, ours = numpy_speedup(2_000, 196 if small else 784, 100, neurons=2 if small else 4)
+    print(
+        f"\nNumPy reference loop (m=2000, N1=100, timed on a few neurons and scaled): "
+        f"{reference:.2f} s; qjax: {ours:.4f} s; speed-up ×{reference / ours:.0f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
