@@ -35,3 +35,8 @@ __all__ = [
     "patches",
     "relative_error",
 ]
+
+# --- Datasets, models and model-level quantization (issue 3) ---
+from qjax import data
+
+__all__ += ["data"]
