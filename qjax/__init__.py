@@ -37,6 +37,6 @@ __all__ = [
 ]
 
 # --- Datasets, models and model-level quantization (issue 3) ---
-from qjax import data
+from qjax import data, models
 
-__all__ += ["data"]
+__all__ += ["data", "models"]
