@@ -4,6 +4,7 @@ import gzip
 import pickle
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -260,3 +261,16 @@ def test_batchify_and_bptt_windows():
         data.batchify(np.arange(3), 4)
     with pytest.raises(ValueError, match="1-D"):
         data.batchify(np.zeros((2, 2)), 1)
+
+
+def test_flip_and_crop_moves_whole_images():
+    images = jnp.arange(2 * 8 * 8 * 1, dtype=jnp.float32).reshape(2, 8, 8, 1) + 1
+    out = data.flip_and_crop(images, jax.random.key(0))
+    assert out.shape == images.shape and out.dtype == images.dtype
+    for original, augmented in zip(np.asarray(images), np.asarray(out), strict=True):
+        # Every kept pixel comes from its own image (or a flip of it); the rest is zero padding.
+        kept = augmented[augmented > 0]
+        assert set(kept.tolist()) <= set(original.ravel().tolist())
+        assert len(kept) >= 4 * 4
+    outs = {data.flip_and_crop(images, jax.random.key(k)).tobytes() for k in range(6)}
+    assert len(outs) > 1

@@ -12,6 +12,7 @@ from qjax.data.batching import (
     MNIST_STD,
     batchify,
     bptt_windows,
+    flip_and_crop,
     image_batches,
     normalize,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "TextCorpus",
     "batchify",
     "bptt_windows",
+    "flip_and_crop",
     "image_batches",
     "load_cifar10",
     "load_mnist",

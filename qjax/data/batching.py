@@ -1,10 +1,11 @@
-"""Batching helpers: image batches as floats, and language-model windows (batchify + BPTT)."""
+"""Batching helpers: image batches, normalization, CIFAR augmentation, language-model windows."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from qjax.data.images import ImageDataset
@@ -93,3 +94,29 @@ def bptt_windows(streams: np.ndarray, seq_len: int) -> Iterator[tuple[np.ndarray
     for start in range(0, streams.shape[1] - 1, seq_len):
         stop = min(start + seq_len, streams.shape[1] - 1)
         yield streams[:, start:stop], streams[:, start + 1 : stop + 1]
+
+
+@jax.jit
+def flip_and_crop(images: jax.Array, key: jax.Array) -> jax.Array:
+    """The standard CIFAR augmentation: random horizontal flip, then a random 4-pixel-pad crop.
+
+    Args:
+      images: (batch, H, W, C) images (any dtype).
+      key: PRNG key.
+
+    Returns:
+      Augmented images, same shape and dtype.
+    """
+    flip_key, crop_key = jax.random.split(key)
+    batch, height, width, _ = images.shape
+    flip = jax.random.bernoulli(flip_key, 0.5, (batch, 1, 1, 1))
+    images = jnp.where(flip, images[:, :, ::-1], images)
+    padded = jnp.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)))
+    offsets = jax.random.randint(crop_key, (batch, 2), 0, 9)
+
+    def crop(image, offset):
+        return jax.lax.dynamic_slice(
+            image, (offset[0], offset[1], 0), (height, width, image.shape[-1])
+        )
+
+    return jax.vmap(crop)(padded, offsets)
