@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
@@ -245,29 +246,30 @@ def _replace_kernel(variables, path: tuple[str, ...], kernel: jax.Array):
     return jax.tree_util.tree_map_with_path(replace, variables)
 
 
-def _input_rows(model, layer: _Layer, apply_kwargs) -> Callable:
-    """A jitted (float variables, current variables, batch) → (X rows, X~ rows) for `layer`."""
+def _layer_input(model, layer: _Layer, apply_kwargs: tuple, variables, batch) -> jax.Array:
+    """The rows the layer sees: (m, N0) for Dense, (groups, m, N0g) patches for Conv."""
+    captured = []
 
-    def layer_input(variables, batch):
-        captured = []
+    def capture(next_fun, args, kwargs, context):
+        if context.method_name == "__call__" and tuple(context.module.path) == layer.path:
+            captured.append(args[0])
+        return next_fun(*args, **kwargs)
 
-        def capture(next_fun, args, kwargs, context):
-            if context.method_name == "__call__" and tuple(context.module.path) == layer.path:
-                captured.append(args[0])
-            return next_fun(*args, **kwargs)
+    with nn.intercept_methods(capture):
+        model.apply(variables, batch, **dict(apply_kwargs))
+    x = captured[0]
+    if layer.kind == "Conv":
+        return conv_patches(x, layer.geometry)
+    return x.reshape(-1, x.shape[-1])
 
-        with nn.intercept_methods(capture):
-            model.apply(variables, batch, **apply_kwargs)
-        x = captured[0]
-        if layer.kind == "Conv":
-            return conv_patches(x, layer.geometry)  # (groups, m, N0g)
-        return x.reshape(-1, x.shape[-1])  # (m, N0)
 
-    @jax.jit
-    def rows(float_variables, variables, batch):
-        return layer_input(float_variables, batch), layer_input(variables, batch)
-
-    return rows
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _input_rows(model, layer: _Layer, apply_kwargs: tuple, float_variables, variables, batch):
+    """(X rows, X~ rows) of `layer` for one calibration batch; compiled once per layer."""
+    return (
+        _layer_input(model, layer, apply_kwargs, float_variables, batch),
+        _layer_input(model, layer, apply_kwargs, variables, batch),
+    )
 
 
 def _as_matrix(kernel: jax.Array, layer: _Layer) -> jax.Array:
@@ -342,6 +344,7 @@ def quantize_model(
             )
 
     float_variables = variables
+    static_kwargs = tuple(sorted(apply_kwargs.items()))
     current = variables
     reports = []
     for layer in tqdm(found, desc="quantizing layers", disable=not progress):
@@ -354,10 +357,11 @@ def quantize_model(
             continue
         start = time.perf_counter()
         matrix = _as_matrix(kernel, layer)
-        rows = _input_rows(model, layer, apply_kwargs)
         stats = gram_stats_init(matrix.shape[-2], batch_shape=matrix.shape[:-2], track_error=True)
         for batch in batches():
-            x, x_tilde = rows(float_variables, current, _checked(batch, first.shape))
+            x, x_tilde = _input_rows(
+                model, layer, static_kwargs, float_variables, current, _checked(batch, first.shape)
+            )
             stats = gram_stats_update(stats, x, x_tilde)
         alphabet = layer_spec.make_alphabet(kernel)
         matrix_alphabet = (

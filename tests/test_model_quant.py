@@ -211,3 +211,11 @@ def test_bad_arguments(mlp):
         quantize_model(model, variables, x.at[0, 0, 0, 0].set(jnp.nan), progress=False)
     with pytest.raises(ValueError, match="method"):
         LayerSpec(method="round")
+
+
+def test_second_call_does_not_recompile(mlp):
+    model, variables, x = mlp
+    quantize_model(model, variables, x, spec=LayerSpec(bits=2), progress=False)
+    sizes = qjax.model_quant._input_rows._cache_size()
+    quantize_model(model, variables, x, spec=LayerSpec(bits=3, c=0.5), progress=False)
+    assert qjax.model_quant._input_rows._cache_size() == sizes
