@@ -42,6 +42,8 @@ __all__ = [
     "straight_through",
 ]
 
+_NO_PARAMS = "this transform needs params: call update(updates, state, params)"
+
 Mask = Any  # a pytree of bools with the params' structure, or a function params -> that pytree
 
 
@@ -126,7 +128,7 @@ def prox_quant(
 
     def update_fn(updates, state, params=None):
         if params is None:
-            raise ValueError(optax.NO_PARAMS_MSG)
+            raise ValueError(_NO_PARAMS)
         strength = reg_schedule(state.count) if callable(reg_schedule) else reg_schedule
 
         def step(param, update):
@@ -152,7 +154,7 @@ def clip_params(bound: float, *, mask: Mask | None = None) -> optax.GradientTran
 
     def update_fn(updates, state, params=None):
         if params is None:
-            raise ValueError(optax.NO_PARAMS_MSG)
+            raise ValueError(_NO_PARAMS)
         updates = jax.tree.map(
             lambda p, u: (jnp.clip(p + u, -bound, bound) - p).astype(u.dtype), params, updates
         )
