@@ -35,3 +35,33 @@ __all__ = [
     "patches",
     "relative_error",
 ]
+
+# --- ProxQuant (qjax.prox, qjax.transforms, qjax.batchnorm, qjax.metrics) ---
+from qjax import batchnorm, metrics, prox, transforms
+from qjax.batchnorm import reestimate_batch_stats
+from qjax.transforms import (
+    ProxQuantState,
+    clip_params,
+    hard_quantize,
+    linear_reg_schedule,
+    mask_by_path,
+    prox_quant,
+    quantization_error,
+    straight_through,
+)
+
+__all__ += [
+    "ProxQuantState",
+    "batchnorm",
+    "clip_params",
+    "hard_quantize",
+    "linear_reg_schedule",
+    "mask_by_path",
+    "metrics",
+    "prox",
+    "prox_quant",
+    "quantization_error",
+    "reestimate_batch_stats",
+    "straight_through",
+    "transforms",
+]
