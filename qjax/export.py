@@ -57,9 +57,16 @@ __all__ = [
 ]
 
 MAX_LETTERS = 256  # codes must fit one byte
-# A weight is on the grid when it is within this fraction of a step of a letter. Letters computed
-# in float32 as δ·(k − c) sit within a few ulps of the grid, far inside this tolerance.
+# A weight is on the grid when it is within this fraction of a step of a letter, plus the rounding
+# of the letter to the weights' dtype (e.g. bfloat16 weights that hold float32 letters). Letters
+# computed in float32 as δ·(k − c) sit within a few ulps of the grid, far inside this tolerance.
 GRID_TOLERANCE = 1e-3
+
+
+def _rounding(dtype: np.dtype) -> float:
+    """The relative rounding error of `dtype` (machine epsilon)."""
+    return float(jnp.finfo(dtype).eps)
+
 
 ChannelAxis = int | None | Literal["auto"]
 
@@ -85,6 +92,9 @@ def container_bits(num_letters: int) -> int:
 def pack_codes(codes: ArrayLike, bits: int) -> jax.Array:
     """Packs integer codes into bytes, 8 // bits codes per byte, the first code in the low bits.
 
+    Packing is part of the export, on the host, in NumPy; `unpack_codes` is its jit-friendly
+    inverse.
+
     Args:
       codes: integers in [0, 2^bits), any shape (flattened in row-major order).
       bits: the container width, 1, 2, 4 or 8.
@@ -94,12 +104,14 @@ def pack_codes(codes: ArrayLike, bits: int) -> jax.Array:
     """
     if bits not in (1, 2, 4, 8):
         raise ValueError(f"bits must be 1, 2, 4 or 8, got {bits!r}")
-    codes = jnp.asarray(codes).reshape(-1).astype(jnp.uint8)
+    codes = np.asarray(codes).reshape(-1)
+    if codes.size and not (codes.min() >= 0 and codes.max() < 2**bits):
+        raise ValueError(f"codes must lie in [0, {2**bits}) for {bits} bits")
     per_byte = 8 // bits
-    padded = jnp.pad(codes, (0, -codes.size % per_byte)).reshape(-1, per_byte)
-    shifts = jnp.arange(per_byte, dtype=jnp.uint8) * jnp.uint8(bits)
+    padded = np.pad(codes.astype(np.uint8), (0, -codes.size % per_byte)).reshape(-1, per_byte)
+    shifts = np.arange(per_byte, dtype=np.uint8) * np.uint8(bits)
     # The codes of one byte occupy disjoint bits, so their sum is their bitwise or.
-    return jnp.sum(padded << shifts, axis=1, dtype=jnp.uint8)
+    return jnp.asarray(np.sum(padded << shifts, axis=1, dtype=np.uint8))
 
 
 def unpack_codes(packed: ArrayLike, bits: int, shape: tuple[int, ...]) -> jax.Array:
@@ -223,7 +235,8 @@ def _infer_grid(w: np.ndarray, channel_axis: int | None) -> _Grid | None:
             break
         candidate = smallest[pending] / divisor
         ratios = groups[pending] / candidate[:, None]
-        on_grid = np.all(np.abs(ratios - np.round(ratios)) <= GRID_TOLERANCE, axis=1)
+        tolerance = GRID_TOLERANCE + _rounding(w.dtype) * np.abs(ratios)
+        on_grid = np.all(np.abs(ratios - np.round(ratios)) <= tolerance, axis=1)
         unit[pending[on_grid]] = candidate[on_grid]
     if np.any(np.isnan(unit)):
         return None
@@ -241,7 +254,7 @@ def _infer_grid(w: np.ndarray, channel_axis: int | None) -> _Grid | None:
     else:
         moved_shape = (w.shape[channel_axis], *np.delete(w.shape, channel_axis))
         codes = np.moveaxis(codes.reshape(moved_shape), 0, channel_axis)
-    step = step.astype(np.result_type(w.dtype, np.float32)).reshape(
+    step = step.astype(jnp.promote_types(w.dtype, jnp.float32)).reshape(
         _scale_shape(w.shape, channel_axis)
     )
     return _Grid(codes=codes, step=step, num_letters=max(num_letters, 1))
@@ -305,7 +318,7 @@ def _alphabet_grid(w: np.ndarray, alphabet: AnyAlphabet, name: str) -> _Grid:
         )
     codes = np.asarray(alphabet.codes(w))
     error = np.abs(np.asarray(alphabet.decode(codes), np.float64) - w)
-    off = error > GRID_TOLERANCE * np.broadcast_to(step, w.shape)
+    off = error > GRID_TOLERANCE * np.broadcast_to(step, w.shape) + _rounding(w.dtype) * np.abs(w)
     if np.any(off):
         first = np.unravel_index(np.argmax(off), w.shape)
         raise ValueError(
@@ -350,7 +363,7 @@ def quantize_array(
     if isinstance(w, jax.core.Tracer):
         raise ValueError(f"{name!r}: export needs concrete weights; call it outside jax.jit")
     w = np.asarray(w)
-    if not np.issubdtype(w.dtype, np.floating):
+    if not jnp.issubdtype(w.dtype, jnp.floating):
         raise ValueError(f"{name!r} must be a float array to export, got dtype {w.dtype}")
     if w.size == 0:
         raise ValueError(f"{name!r} is empty (shape {w.shape})")
@@ -365,7 +378,7 @@ def quantize_array(
     return QuantizedArray(
         packed=pack_codes(grid.codes, bits),
         # Scales at least float32: bfloat16 weights are decoded in float32, then rounded.
-        scale=jnp.asarray(grid.step, dtype=np.result_type(grid.step.dtype, np.float32)),
+        scale=jnp.asarray(grid.step, dtype=jnp.promote_types(grid.step.dtype, jnp.float32)),
         shape=tuple(w.shape),
         num_letters=grid.num_letters,
         dtype=w.dtype.name,
