@@ -57,15 +57,16 @@ __all__ = [
 ]
 
 MAX_LETTERS = 256  # codes must fit one byte
-# A weight is on the grid when it is within this fraction of a step of a letter, plus the rounding
-# of the letter to the weights' dtype (e.g. bfloat16 weights that hold float32 letters). Letters
-# computed in float32 as δ·(k − c) sit within a few ulps of the grid, far inside this tolerance.
-GRID_TOLERANCE = 1e-3
+# A weight is on the grid when it is within this many roundings (machine epsilons of its dtype,
+# relative to the letter, or to the step for letters near 0) of a letter. Letters computed as
+# δ·(k − c) in float32 are within one rounding; bfloat16 weights holding float32 letters within
+# one bfloat16 rounding. Anything further off is not a letter.
+GRID_TOLERANCE_ULPS = 8
 
 
-def _rounding(dtype: np.dtype) -> float:
-    """The relative rounding error of `dtype` (machine epsilon)."""
-    return float(jnp.finfo(dtype).eps)
+def _tolerance(dtype: np.dtype) -> float:
+    """The largest relative distance of a weight of `dtype` from its letter."""
+    return GRID_TOLERANCE_ULPS * float(jnp.finfo(dtype).eps)
 
 
 ChannelAxis = int | None | Literal["auto"]
@@ -219,8 +220,9 @@ def _infer_grid(w: np.ndarray, channel_axis: int | None) -> _Grid | None:
     """The zero-centred uniform grid with the fewest letters holding every weight, or None.
 
     Per group: u = the smallest nonzero |w|; the unit h is the largest u/j (j = 1, 2, ...) that
-    makes every w/h an integer (within GRID_TOLERANCE). If every multiple w/h of every group is
-    odd the grid is {±1, ±3, ...}·h (δ = 2h, even n); otherwise {−K..K}·h (δ = h, n = 2K+1).
+    makes every w/h an integer (within GRID_TOLERANCE_ULPS roundings). If every multiple w/h of
+    every group is odd the grid is {±1, ±3, ...}·h (δ = 2h, even n); otherwise {−K..K}·h
+    (δ = h, n = 2K+1).
     """
     groups = _channel_groups(w.astype(np.float64), channel_axis)
     magnitudes = np.abs(groups)
@@ -230,12 +232,14 @@ def _infer_grid(w: np.ndarray, channel_axis: int | None) -> _Grid | None:
     # A divisor j makes the grid u/j; beyond max_divisor the grid would exceed MAX_LETTERS.
     max_divisor = np.where(largest > 0, (MAX_LETTERS - 1) * smallest / largest, 0)
     for divisor in range(1, MAX_LETTERS):
-        pending = np.flatnonzero(np.isnan(unit) & (divisor <= max_divisor + GRID_TOLERANCE))
+        pending = np.flatnonzero(
+            np.isnan(unit) & (divisor <= max_divisor * (1 + _tolerance(w.dtype)))
+        )
         if pending.size == 0:
             break
         candidate = smallest[pending] / divisor
         ratios = groups[pending] / candidate[:, None]
-        tolerance = GRID_TOLERANCE + _rounding(w.dtype) * np.abs(ratios)
+        tolerance = _tolerance(w.dtype) * np.maximum(np.abs(ratios), 1)
         on_grid = np.all(np.abs(ratios - np.round(ratios)) <= tolerance, axis=1)
         unit[pending[on_grid]] = candidate[on_grid]
     if np.any(np.isnan(unit)):
@@ -295,7 +299,8 @@ def _as_uniform(alphabet: AnyAlphabet, name: str) -> UniformAlphabet:
         return UniformAlphabet(step=jnp.ones(letters.shape[:-1], alphabet.letters.dtype), size=1)
     step = (letters[..., -1] - letters[..., 0]) / (n - 1)
     expected = (np.arange(n) - (n - 1) / 2) * step[..., None]
-    if not np.all(np.abs(letters - expected) <= GRID_TOLERANCE * step[..., None]):
+    tolerance = _tolerance(alphabet.letters.dtype) * np.maximum(np.abs(letters), step[..., None])
+    if not np.all(np.abs(letters - expected) <= tolerance):
         raise ValueError(
             f"the letters of the alphabet for {name!r} are not uniform and zero-centred "
             f"(δ·(k − (n−1)/2)), so they have no integer codes with one scale: {letters}"
@@ -318,7 +323,7 @@ def _alphabet_grid(w: np.ndarray, alphabet: AnyAlphabet, name: str) -> _Grid:
         )
     codes = np.asarray(alphabet.codes(w))
     error = np.abs(np.asarray(alphabet.decode(codes), np.float64) - w)
-    off = error > GRID_TOLERANCE * np.broadcast_to(step, w.shape) + _rounding(w.dtype) * np.abs(w)
+    off = error > _tolerance(w.dtype) * np.maximum(np.abs(w), np.broadcast_to(step, w.shape))
     if np.any(off):
         first = np.unravel_index(np.argmax(off), w.shape)
         raise ValueError(

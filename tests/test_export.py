@@ -129,6 +129,19 @@ def test_inferred_per_channel_and_per_row():
     np.testing.assert_allclose(packed.dequantize(), table, rtol=1e-6)
 
 
+def test_nearly_equal_channel_scales_stay_per_channel():
+    # Per-channel binary letters ±R_c with R_c within 1e-4 of each other: one scale per channel,
+    # and the weights come back exactly (a shared scale would be off by up to 1e-4·R).
+    radius = 0.2 * (1 + 1e-4 * jnp.arange(6))
+    signs = jnp.sign(jax.random.normal(jax.random.key(11), (50, 6)))
+    w = alphabets.uniform(2, radius).project(signs * radius)
+    packed = export.quantize_array(w)
+    assert packed.scale.shape == (1, 6)
+    np.testing.assert_array_equal(packed.dequantize(), w)
+    with pytest.raises(ValueError, match="off the alphabet"):
+        export.quantize_array(w, channel_axis=None)
+
+
 def test_inferred_grid_with_missing_letters():
     delta = 0.37
     # Letters 0, 2δ, -5δ only: the grid is {-5..5}·δ (11 letters, 4 bits).
