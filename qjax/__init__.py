@@ -35,3 +35,18 @@ __all__ = [
     "patches",
     "relative_error",
 ]
+
+# --- Datasets, models and model-level quantization (issue 3) ---
+from qjax import data, models
+from qjax.gptq import gptq_from_stats
+from qjax.model_quant import LayerReport, LayerSpec, format_report, quantize_model
+
+__all__ += [
+    "LayerReport",
+    "LayerSpec",
+    "data",
+    "format_report",
+    "gptq_from_stats",
+    "models",
+    "quantize_model",
+]
