@@ -47,6 +47,7 @@ __all__ = [
     "dequantize",
     "export_params",
     "is_quantized",
+    "kernel_mask",
     "pack_codes",
     "quantize_array",
     "quantized_apply",
@@ -399,8 +400,16 @@ def _path_name(path: tuple[Any, ...]) -> str:
     return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
-def _default_mask(params: Any) -> Any:
-    """Kernels and embedding tables: the leaves named "kernel" or "embedding"."""
+def kernel_mask(params: Any) -> Any:
+    """The default export mask: True at the leaves named "kernel" or "embedding".
+
+    Args:
+      params: a Flax parameter tree.
+
+    Returns:
+      A tree of bools with the structure of `params` (Dense/Conv kernels and Embed tables True;
+      biases, BatchNorm and everything else False).
+    """
     return jax.tree_util.tree_map_with_path(
         lambda path, _: _path_name(path).rsplit("/", 1)[-1] in ("kernel", "embedding"), params
     )
@@ -433,7 +442,7 @@ def export_params(
         an alphabet names an unknown or unmasked path.
     """
     if mask is None:
-        mask = _default_mask
+        mask = kernel_mask
     mask_tree = mask(params) if callable(mask) else mask
     if jax.tree.structure(mask_tree) != jax.tree.structure(params):
         raise ValueError(
@@ -536,7 +545,7 @@ def _from_nested_arrays(arrays: Any, layout: dict[str, dict[str, Any]]) -> Any:
     return jax.tree_util.tree_map_with_path(rebuild, arrays, is_leaf=is_packed_node)
 
 
-def save(directory: str, tree: Any) -> None:
+def save(directory: str, tree: Any, *, force: bool = False) -> None:
     """Writes a tree of arrays and `QuantizedArray`s to an orbax checkpoint at `directory`.
 
     The packed codes and scales are stored as arrays (uint8 and float), the static fields of each
@@ -545,6 +554,7 @@ def save(directory: str, tree: Any) -> None:
     Args:
       directory: a new directory (absolute path, or relative to the working directory).
       tree: e.g. the output of `export_params` (nested dicts, as Flax variables are).
+      force: overwrite `directory` if it exists.
     """
     import orbax.checkpoint as ocp
 
@@ -556,6 +566,7 @@ def save(directory: str, tree: Any) -> None:
                 arrays=ocp.args.StandardSave(arrays),
                 layout=ocp.args.JsonSave(json.loads(json.dumps(layout))),
             ),
+            force=force,
         )
 
 
