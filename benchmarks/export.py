@@ -31,8 +31,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import app, flags
 
-from qjax import alphabets, export
-from qjax.models import cnn, mlp
+from qjax import alphabets, export, prox, transforms
+from qjax.models import cnn, lstm, mlp, resnet
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["mlp", "cnn", "resnet20", "lstm"], "Models to measure.")
@@ -56,22 +56,16 @@ def _images(shape):
 
 
 def make_bench(name: str, batch_size: int) -> Bench:
-    # ResNet-20, the LSTM and ProxQuant's quantizers (issue 4) are imported only when measured.
     kernels = export.kernel_mask
     if name == "mlp":
         return Bench(mlp.MLP(), _images((batch_size, 28, 28, 1)), {"train": False}, kernels)
     if name == "cnn":
         return Bench(cnn.CNN(), _images((batch_size, 32, 32, 3)), {"train": False}, kernels)
     if name == "resnet20":
-        from qjax import transforms
-        from qjax.models import resnet
-
         # ProxQuant keeps the first layer, the shortcut convolutions and the classifier in float.
         mask = transforms.mask_by_path(exclude=["shortcut", "^conv_init/", "^head/"])
         return Bench(resnet.ResNet20(), _images((batch_size, 32, 32, 3)), {"train": False}, mask)
     if name == "lstm":
-        from qjax.models import lstm
-
         model = lstm.LSTMLanguageModel(vocab_size=10_000)
         tokens = jax.random.randint(jax.random.key(0), (batch_size // 4, 35), 0, 10_000)
         return Bench(
@@ -83,8 +77,6 @@ def make_bench(name: str, batch_size: int) -> Bench:
 def fake_quantize(params, mask_tree, bits: int | None):
     """Kernels rounded to per-channel b-bit alphabets; bits=None: ProxQuant's hard binary q(θ)."""
     if bits is None:
-        from qjax import prox, transforms
-
         quantizer = prox.binary_quantizer(scale="channel")
         return transforms.hard_quantize(params, quantizer, mask=mask_tree)
 

@@ -13,7 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qjax import alphabets, export
+from qjax import alphabets, export, transforms
+from qjax.models import CNN, MLP, lstm, resnet
 
 
 def _quantize(w, bits, *, per_channel=False):
@@ -360,8 +361,8 @@ def test_save_restore_is_bit_exact(tmp_path):
 # ------------------------------------------------------------------- quantized inference
 
 
-def _assert_same_logits(apply_fn, variables, *args):
-    packed = export.export_params(variables)
+def _assert_same_logits(apply_fn, variables, *args, mask=None):
+    packed = export.export_params(variables, mask=mask)
     float_logits = jax.jit(apply_fn)(variables, *args)
     packed_apply = jax.jit(export.quantized_apply(apply_fn))
     np.testing.assert_allclose(packed_apply(packed, *args), float_logits, rtol=1e-6, atol=1e-6)
@@ -407,3 +408,41 @@ def test_packed_apply_holds_only_packed_weights_and_does_not_recompile():
     other_variables = jax.tree.map(lambda x: 2 * x, other_variables)
     packed_apply(export.export_params(other_variables), images)
     assert packed_apply._cache_size() == 1
+
+
+# The papers' models (small widths), each quantized as its experiment does.
+
+
+def _apply_packed_and_float(model, inputs, quantize, *, mask=None, **kwargs):
+    variables = jax.jit(functools.partial(model.init, **kwargs))(jax.random.key(12), *inputs)
+    variables = {**variables, "params": jax.jit(quantize)(variables["params"])}
+    apply = functools.partial(model.apply, **kwargs)
+    logits = lambda v, *a: jax.tree.leaves(apply(v, *a))[0]  # the LSTM also returns its state
+    return _assert_same_logits(logits, variables, *inputs, mask=mask)
+
+
+def test_mnist_mlp_and_cifar_cnn_after_msq():
+    images = jax.random.normal(jax.random.key(13), (4, 28, 28, 1))
+    _apply_packed_and_float(MLP(hidden=(32, 16)), (images,), lambda p: _msq_params(p, 2))
+    images = jax.random.normal(jax.random.key(14), (4, 32, 32, 3))
+    model = CNN(stages=(4, 8), dense=16)
+    _apply_packed_and_float(model, (images,), lambda p: _msq_params(p, 4), train=False)
+
+
+def test_resnet20_after_proxquant_hard_binary():
+    images = jax.random.normal(jax.random.key(15), (2, 32, 32, 3))
+    # ProxQuant keeps the first layer, the shortcuts and the classifier in float.
+    mask = transforms.mask_by_path(exclude=["shortcut", "conv_init/", "head/"])
+    quantize = lambda p: transforms.hard_quantize(p, "binary", mask=mask)
+    model = resnet.ResNet20()
+    packed, _ = _apply_packed_and_float(model, (images,), quantize, mask=mask, train=False)
+    block = packed["params"]["stage2_block1"]
+    assert export.is_quantized(block["conv1"]["kernel"]) and block["conv1"]["kernel"].bits == 1
+    assert not export.is_quantized(block["shortcut_conv"]["kernel"])
+
+
+def test_ptb_lstm_after_msq():
+    model = lstm.LSTMLanguageModel(vocab_size=50, embed_dim=12, hidden_dim=12)
+    tokens = jax.random.randint(jax.random.key(16), (3, 5), 0, 50)
+    inputs = (tokens, model.initial_carry(3))
+    _apply_packed_and_float(model, inputs, lambda p: _msq_params(p, 1), train=False)
