@@ -73,3 +73,8 @@ __all__ = [
     "straight_through",
     "transforms",
 ]
+
+# --- Deployable output: packed integer codes, quantized inference, checkpoints (issue 8) ---
+from qjax import export
+
+__all__ += ["export"]
