@@ -283,6 +283,8 @@ def _place_rows(name: str, value: ArrayLike, mesh: Mesh, rows_axis: int) -> jax.
     if isinstance(value, jax.Array) and jax.process_count() == 1:
         return value
     local = np.asarray(value)
+    if not np.all(np.isfinite(local)):
+        raise ValueError(f"{name} contains NaN or Inf")
     local_devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
     rows = local.shape[rows_axis]
     if jax.process_count() == 1:
@@ -304,9 +306,10 @@ def gram_stats_update(
 ) -> ShardedGramStats:
     """Adds one calibration batch, data-parallel: each device sums the products of its rows.
 
-    On several processes, call it on every process with that process's own rows (the numbers
-    of rows may differ; the batch shape and N0 may not). A global `jax.Array` split over the
-    statistics' mesh is also accepted.
+    On several processes this is a collective: call it the same number of times on every
+    process, each with that process's own rows (the numbers of rows may differ, even be zero;
+    the batch shape and N0 may not). A global `jax.Array` on the statistics' mesh is also
+    accepted.
 
     Args:
       stats: the running `ShardedGramStats` (their buffers are donated: do not reuse `stats`).
@@ -495,11 +498,30 @@ def gpfq_from_stats(
             f"batch_shape + (N0, N0) = {total_shape}"
         )
     for name, running in (("stats.gram", stats.gram), ("stats.cross", stats.cross)):
-        _check_finite(name, running.total)
+        if running.total.is_fully_addressable:  # across hosts, each host checked its own rows
+            _check_finite(name, running.total)
     _check_alphabet(alphabet)
     if not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
     return _gpfq_sharded(w, stats, alphabet, mesh=mesh, block_size=block_size, dead_tol=dead_tol)
+
+
+def _batching(rows: int, batch_size: int | None) -> tuple[int, int]:
+    """Rows per batch and the number of batches, the same on every process.
+
+    `gram_stats_update` is a collective: every process makes the same number of calls, those
+    with fewer rows passing empty batches.
+    """
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if jax.process_count() == 1:
+        rows_per_process = [rows]
+    else:
+        rows_per_process = multihost_utils.process_allgather(np.array(rows, np.int64)).tolist()
+    if sum(rows_per_process) == 0:
+        raise ValueError("x has no rows: GPFQ needs at least one calibration sample")
+    step = max(rows_per_process) if batch_size is None else batch_size
+    return step, max(math.ceil(r / step) for r in rows_per_process)
 
 
 def gpfq_layer(
@@ -530,13 +552,9 @@ def gpfq_layer(
     """
     w = _check_matrix("w", w, batch_ndim=0)
     rows = np.shape(x)[0]
-    if rows == 0:
-        raise ValueError("x has no rows: GPFQ needs at least one calibration sample")
-    step = rows if batch_size is None else batch_size
-    if step < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    step, num_batches = _batching(rows, batch_size)
     stats = gram_stats_init(w.shape[0], mesh=mesh, dtype=jnp.result_type(w.dtype, jnp.float32))
-    for start in range(0, rows, step):
+    for start in range(0, num_batches * step, step):
         batch = slice(start, start + step)
         stats = gram_stats_update(stats, x[batch], x_tilde[batch])
     return gpfq_from_stats(w, stats, alphabet, block_size=block_size, dead_tol=dead_tol)
@@ -585,13 +603,10 @@ def gpfq_conv(
             f"x must have shape (batch, *spatial, {cin}) for a kernel of shape "
             f"{np.shape(kernel)}, got {np.shape(x)}"
         )
-    images = np.shape(x)[0]
-    step = images if batch_size is None else batch_size
-    if step < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    step, num_batches = _batching(np.shape(x)[0], batch_size)
     stats = gram_stats_init(matrices.shape[1], mesh=mesh, batch_shape=(groups,))
     mesh = stats.mesh
-    for start in range(0, images, step):
+    for start in range(0, num_batches * step, step):
         batch = slice(start, start + step)
         # Images split over the devices: each device computes the patches of its own images.
         images_x, images_tilde = (
