@@ -168,6 +168,7 @@ def gram_stats(
       `GramStats`.
     """
     x = _check_matrix("x", x)
+    x_tilde = jnp.asarray(x_tilde)  # once, not per batch
     dtype = jnp.result_type(x.dtype, jnp.float32)  # float64 inputs keep float64 (with x64)
     stats = gram_stats_init(
         x.shape[-1], batch_shape=x.shape[:-2], track_error=track_error, dtype=dtype
@@ -178,7 +179,7 @@ def gram_stats(
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     for start in range(0, m, step):
         rows = slice(start, start + step)
-        stats = gram_stats_update(stats, x[..., rows, :], jnp.asarray(x_tilde)[..., rows, :])
+        stats = gram_stats_update(stats, x[..., rows, :], x_tilde[..., rows, :])
     return stats
 
 
