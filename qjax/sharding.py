@@ -283,8 +283,6 @@ def _place_rows(name: str, value: ArrayLike, mesh: Mesh, rows_axis: int) -> jax.
     if isinstance(value, jax.Array) and jax.process_count() == 1:
         return value
     local = np.asarray(value)
-    if not np.all(np.isfinite(local)):
-        raise ValueError(f"{name} contains NaN or Inf")
     local_devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
     rows = local.shape[rows_axis]
     if jax.process_count() == 1:
@@ -321,9 +319,8 @@ def gram_stats_update(
     """
     mesh = _check_mesh(stats.mesh)
     batch_ndim = stats.gram.total.ndim - 3
-    x = _check_matrix("x", x, batch_ndim=batch_ndim) if not _is_global(x) else x
-    if not _is_global(x_tilde):
-        x_tilde = _check_matrix("x_tilde", x_tilde, batch_ndim=batch_ndim)
+    x = _checked_rows("x", x, batch_ndim)
+    x_tilde = _checked_rows("x_tilde", x_tilde, batch_ndim)
     if x.shape != x_tilde.shape:
         raise ValueError(
             f"x and x_tilde must have the same shape, got {x.shape} and {x_tilde.shape}"
@@ -340,8 +337,19 @@ def gram_stats_update(
     return _gram_stats_update(stats, x, x_tilde, mesh=mesh)
 
 
-def _is_global(value) -> bool:
-    return isinstance(value, jax.Array) and not value.is_fully_addressable
+def _checked_rows(name: str, value: ArrayLike, batch_ndim: int) -> jax.Array | np.ndarray:
+    """Calibration rows checked where they are: on the host, or on this process's devices."""
+    array = value if isinstance(value, jax.Array) else np.asarray(value)
+    if not jnp.issubdtype(array.dtype, jnp.floating):
+        raise ValueError(f"{name} must be a floating-point array, got dtype {array.dtype}")
+    if array.ndim != batch_ndim + 2:
+        raise ValueError(f"{name} must have {batch_ndim + 2} dimensions, got shape {array.shape}")
+    if isinstance(array, np.ndarray):  # checked on the host: not copied to one device
+        if not np.all(np.isfinite(array)):
+            raise ValueError(f"{name} contains NaN or Inf")
+    elif array.is_fully_addressable:  # a global array spans other hosts' rows: they check them
+        _check_finite(name, array)
+    return array
 
 
 @jax.jit
