@@ -40,7 +40,17 @@ def _simulated_env(devices: int) -> dict[str, str]:
 @pytest.mark.skipif(jax.device_count() >= 8, reason="this is the 8-device session")
 def test_on_eight_simulated_devices():
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k", "eight"],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            __file__,
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-k",
+            "eight_devices",
+        ],
         cwd=ROOT,
         env=_simulated_env(8),
         capture_output=True,
@@ -184,8 +194,9 @@ def test_bad_input_raises_value_error(call, message):
 
 
 @eight_devices
-@pytest.mark.parametrize("kind", ["ternary", "4bit-per-channel", "letters-per-channel"])
-@pytest.mark.parametrize("devices", [2, 3, 8])
+@pytest.mark.parametrize(
+    ("devices", "kind"), [(2, "ternary"), (3, "4bit-per-channel"), (8, "letters-per-channel")]
+)
 def test_eight_devices_dense_codes_equal_unsharded(kind, devices):
     w, x, x_tilde = dense_problem()
     alphabet = make_alphabet(kind, w)
@@ -284,9 +295,9 @@ def test_eight_devices_whole_model_equals_quantize_model():
 # Two processes ("hosts") of four devices each, joined by jax.distributed.
 
 
-def _two_process_worker(process_id: int, port: int) -> None:
+def _two_process_worker(process_id: int) -> None:
     """One process of test_two_processes: its own rows (400 vs 603), the same codes."""
-    jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
+    assert jax.process_count() == 2 and jax.device_count() == 8
     w, x, x_tilde = dense_problem(m=1003)
     alphabet = make_alphabet("4bit-per-channel", w)
     expected = np.asarray(qjax.gpfq_layer(w, x, x_tilde, alphabet))
@@ -304,10 +315,15 @@ def test_two_processes():
     with socket.socket() as probe:
         probe.bind(("localhost", 0))
         port = probe.getsockname()[1]
-    command = "import sys; from tests.test_sharding import _two_process_worker as w; w({}, {})"
+    # jax.distributed.initialize comes first: importing this module already asks for devices.
+    command = (
+        "import jax; jax.distributed.initialize('localhost:{port}', num_processes=2, "
+        "process_id={process_id}); from tests.test_sharding import _two_process_worker; "
+        "_two_process_worker({process_id})"
+    )
     workers = [
         subprocess.Popen(
-            [sys.executable, "-c", command.format(process_id, port)],
+            [sys.executable, "-c", command.format(port=port, process_id=process_id)],
             cwd=ROOT,
             env=_simulated_env(4),
             stdout=subprocess.PIPE,
