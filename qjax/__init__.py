@@ -73,3 +73,8 @@ __all__ = [
     "straight_through",
     "transforms",
 ]
+
+# GPFQ at scale: statistics data-parallel and neurons split over a device mesh, one or many hosts.
+from qjax import sharding
+
+__all__ += ["sharding"]
