@@ -94,7 +94,8 @@ def sharded_memory(m_batch, n0, n1, mesh) -> tuple[int, int]:
     )
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names, None))
     batch = jax.ShapeDtypeStruct((m_batch, n0), jnp.float32, sharding=rows)
-    update = sharding._gram_stats_update.lower(stats, batch, batch, mesh=mesh).compile()
+    num_rows = jax.ShapeDtypeStruct((), jnp.int32)
+    update = sharding._gram_stats_update.lower(stats, batch, batch, num_rows, mesh=mesh).compile()
     w = jax.ShapeDtypeStruct((n0, n1), jnp.float32)
     quantize = sharding._gpfq_sharded.lower(
         w,

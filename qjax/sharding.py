@@ -236,7 +236,7 @@ def _kahan_add(running: CompensatedSum, value: jax.Array) -> CompensatedSum:
 
 @functools.partial(jax.jit, static_argnames="mesh", donate_argnums=0)
 def _gram_stats_update(
-    stats: ShardedGramStats, x: jax.Array, x_tilde: jax.Array, *, mesh: Mesh
+    stats: ShardedGramStats, x: jax.Array, x_tilde: jax.Array, num_rows: jax.Array, *, mesh: Mesh
 ) -> ShardedGramStats:
     dtype = stats.gram.total.dtype
     rows = x.shape[-2]
@@ -266,37 +266,41 @@ def _gram_stats_update(
     updated = jax.shard_map(
         add_local_rows, mesh=mesh, in_specs=(spec, rows_spec, rows_spec), out_specs=spec
     )(stats, x, x_tilde)
-    return updated._replace(count=stats.count + rows)
+    return updated._replace(count=stats.count + num_rows)
 
 
-def _place_rows(name: str, value: ArrayLike, mesh: Mesh, rows_axis: int) -> jax.Array:
+def _place_rows(name: str, value: ArrayLike, mesh: Mesh, rows_axis: int) -> tuple[jax.Array, int]:
     """This process's calibration rows as one global array split by rows over the mesh.
 
     A `jax.Array` on a single process is used as it is (the update reshards it). Otherwise each
     process's rows go straight to its own devices, padded with zero rows so that every device
     holds the same number: processes may pass different numbers of rows.
+
+    Returns:
+      The global array and its number of rows before padding, over all processes.
     """
     if isinstance(value, jax.Array) and not value.is_fully_addressable:
         if value.sharding.device_set != set(mesh.devices.flat):
             raise ValueError(f"{name} is a global array on devices other than the statistics' mesh")
-        return value
+        return value, value.shape[rows_axis]
     if isinstance(value, jax.Array) and jax.process_count() == 1:
-        return value
+        return value, value.shape[rows_axis]
     local = np.asarray(value)
     local_devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
     rows = local.shape[rows_axis]
     if jax.process_count() == 1:
-        per_device = math.ceil(rows / len(local_devices))
+        counts = [(rows, len(local_devices))]
     else:
         counts = multihost_utils.process_allgather(np.array([rows, len(local_devices)], np.int64))
-        per_device = int(max(math.ceil(r / n) for r, n in counts))
+    per_device = int(max(math.ceil(r / n) for r, n in counts))
     pad = [(0, 0)] * local.ndim
     pad[rows_axis] = (0, per_device * len(local_devices) - rows)
     local = np.pad(local, pad)
     global_shape = list(local.shape)
     global_shape[rows_axis] = per_device * mesh.size
     sharding = NamedSharding(mesh, _device_spec(mesh, local.ndim, rows_axis))
-    return jax.make_array_from_process_local_data(sharding, local, tuple(global_shape))
+    placed = jax.make_array_from_process_local_data(sharding, local, tuple(global_shape))
+    return placed, int(sum(r for r, _ in counts))
 
 
 def gram_stats_update(
@@ -332,9 +336,9 @@ def gram_stats_update(
             f"{batch_shape} + (m, {n0})"
         )
     rows_axis = x.ndim - 2
-    x = _place_rows("x", x, mesh, rows_axis)
-    x_tilde = _place_rows("x_tilde", x_tilde, mesh, rows_axis)
-    return _gram_stats_update(stats, x, x_tilde, mesh=mesh)
+    x, num_rows = _place_rows("x", x, mesh, rows_axis)
+    x_tilde, _ = _place_rows("x_tilde", x_tilde, mesh, rows_axis)
+    return _gram_stats_update(stats, x, x_tilde, jnp.int32(num_rows), mesh=mesh)
 
 
 def _checked_rows(name: str, value: ArrayLike, batch_ndim: int) -> jax.Array | np.ndarray:
@@ -617,7 +621,7 @@ def gpfq_conv(
     for start in range(0, num_batches * step, step):
         batch = slice(start, start + step)
         # Images split over the devices: each device computes the patches of its own images.
-        images_x, images_tilde = (
+        (images_x, _), (images_tilde, _) = (
             _place_rows(name, value[batch], mesh, rows_axis=0)
             for name, value in (("x", x), ("x_tilde", x_tilde))
         )
