@@ -74,7 +74,8 @@ __all__ = [
     "transforms",
 ]
 
-# GPFQ at scale: statistics data-parallel and neurons split over a device mesh, one or many hosts.
-from qjax import sharding
+# --- Deployable output (issue 8: packed integer codes, quantized inference, checkpoints) and
+# --- GPFQ at scale (issue 7: statistics data-parallel, neurons split over a device mesh) ---
+from qjax import export, sharding
 
-__all__ += ["sharding"]
+__all__ += ["export", "sharding"]
