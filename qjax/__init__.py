@@ -74,7 +74,8 @@ __all__ = [
     "transforms",
 ]
 
-# --- Deployable output: packed integer codes, quantized inference, checkpoints (issue 8) ---
-from qjax import export
+# --- Deployable output (issue 8: packed integer codes, quantized inference, checkpoints) and
+# --- GPFQ at scale (issue 7: statistics data-parallel, neurons split over a device mesh) ---
+from qjax import export, sharding
 
-__all__ += ["export"]
+__all__ += ["export", "sharding"]

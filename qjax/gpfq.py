@@ -46,6 +46,7 @@ __all__ = [
     "GramStats",
     "gpfq_conv",
     "gpfq_from_stats",
+    "gpfq_from_targets",
     "gpfq_layer",
     "gram_stats",
     "gram_stats_init",
@@ -167,6 +168,7 @@ def gram_stats(
       `GramStats`.
     """
     x = _check_matrix("x", x)
+    x_tilde = jnp.asarray(x_tilde)  # once, not per batch
     dtype = jnp.result_type(x.dtype, jnp.float32)  # float64 inputs keep float64 (with x64)
     stats = gram_stats_init(
         x.shape[-1], batch_shape=x.shape[:-2], track_error=track_error, dtype=dtype
@@ -177,7 +179,7 @@ def gram_stats(
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     for start in range(0, m, step):
         rows = slice(start, start + step)
-        stats = gram_stats_update(stats, x[..., rows, :], jnp.asarray(x_tilde)[..., rows, :])
+        stats = gram_stats_update(stats, x[..., rows, :], x_tilde[..., rows, :])
     return stats
 
 
@@ -273,6 +275,51 @@ def _dead_inputs(diag: jax.Array, dead_tol: float) -> jax.Array:
     return diag <= dead_tol * jnp.max(diag)
 
 
+def gpfq_from_targets(
+    w: jax.Array,
+    target: jax.Array,
+    gram: jax.Array,
+    alphabet: AnyAlphabet,
+    *,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    dead_tol: float = DEFAULT_DEAD_TOL,
+) -> jax.Array:
+    """The greedy scan of the "gram" form, from G and the targets Σ_{s≤t} H_ts w_s.
+
+    Neurons are independent given G and their targets, so a caller may split the columns of
+    `w`, `target` and the alphabet across devices and call this on each part
+    (`qjax.sharding` does, inside `jax.shard_map`). Not jitted: it traces inside the caller.
+
+    Args:
+      w: weights, shape (N0, N1) (their values enter only through `target`).
+      target: T = tril(H)·W, T_tn = Σ_{s≤t} H_ts w_sn, shape (N0, N1), in G's dtype.
+      gram: G = X~ᵀX~, shape (N0, N0).
+      alphabet: the alphabet A, scalar or (N1,) (per neuron) parameters.
+      block_size: B, the number of inputs per lazy-batch block.
+      dead_tol: inputs with G_tt <= dead_tol·max_s G_ss are dead.
+
+    Returns:
+      q, shape (N0, N1), dtype of w.
+    """
+    n0, n1 = w.shape
+    block = min(block_size, n0)
+    padded = math.ceil(n0 / block) * block
+    pad = padded - n0
+    dead = _dead_inputs(jnp.diagonal(gram), dead_tol)
+    # Padded inputs are dead and uncorrelated with every other input, so they change nothing.
+    gram = jnp.pad(gram, ((0, pad), (0, pad)))
+    target = jnp.pad(target, ((0, pad), (0, 0)))
+    dead = jnp.pad(dead, (0, pad), constant_values=True)
+    quantize = jax.vmap(
+        functools.partial(_neuron_gram, block_size=block),
+        in_axes=(1, 1, None, None, 0),
+        out_axes=1,
+    )
+    w_padded = jnp.pad(w.astype(gram.dtype), ((0, pad), (0, 0)))
+    q = quantize(w_padded, target, gram, dead, _per_neuron(alphabet, n1))
+    return q[:n0].astype(w.dtype)
+
+
 @functools.partial(jax.jit, static_argnames=("block_size", "dead_tol"))
 def _gpfq_gram(
     w: jax.Array,
@@ -283,26 +330,9 @@ def _gpfq_gram(
     block_size: int,
     dead_tol: float,
 ) -> jax.Array:
-    n0, n1 = w.shape
-    block = min(block_size, n0)
-    padded = math.ceil(n0 / block) * block
-    pad = padded - n0
-    w32 = w.astype(gram.dtype)
     # Σ_{s≤t} H_ts w_s for every neuron at once: one (N0 × N0)·(N0 × N1) product.
-    target = jnp.matmul(jnp.tril(cross), w32, precision=_HIGHEST)
-    dead = _dead_inputs(jnp.diagonal(gram), dead_tol)
-    # Padded inputs are dead and uncorrelated with every other input, so they change nothing.
-    gram = jnp.pad(gram, ((0, pad), (0, pad)))
-    target = jnp.pad(target, ((0, pad), (0, 0)))
-    dead = jnp.pad(dead, (0, pad), constant_values=True)
-    w32 = jnp.pad(w32, ((0, pad), (0, 0)))
-    quantize = jax.vmap(
-        functools.partial(_neuron_gram, block_size=block),
-        in_axes=(1, 1, None, None, 0),
-        out_axes=1,
-    )
-    q = quantize(w32, target, gram, dead, _per_neuron(alphabet, n1))
-    return q[:n0].astype(w.dtype)
+    target = jnp.matmul(jnp.tril(cross), w.astype(gram.dtype), precision=_HIGHEST)
+    return gpfq_from_targets(w, target, gram, alphabet, block_size=block_size, dead_tol=dead_tol)
 
 
 @functools.partial(jax.jit, static_argnames=("dead_tol",))
