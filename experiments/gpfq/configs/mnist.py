@@ -26,6 +26,7 @@ def tiny(config: ml_collections.ConfigDict) -> None:
     config.max_train_examples = 512
     config.max_test_examples = 256
     config.epochs = 1
+    config.batch_size = 32
     config.width_scale = 0.1
     config.cnn_stages = (4, 8)
     config.cnn_dense = 16
