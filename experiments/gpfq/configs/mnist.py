@@ -13,6 +13,8 @@ from experiments.gpfq.configs import default
 def get_config(variant: str = "full") -> ml_collections.ConfigDict:
     config = default.get_config()
     config.data_source = "dir"
+    config.epochs = 8
+    config.c_values = (1.0, 2.0, 3.0, 4.0, 5.0)
     if variant == "tiny":
         config.data_source = "auto"
         tiny(config)
