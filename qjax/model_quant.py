@@ -309,9 +309,9 @@ def quantize_model(
       (new variables with quantized kernels, one `LayerReport` per layer in call order).
 
     Raises:
-      ValueError: a pattern that matches no layer, a layer with a kernel that is neither
-        nn.Dense nor nn.Conv (or called never or twice by the forward pass) and is not skipped, calibration
-        inputs that are not floating, finite, or of the shape the model takes.
+      ValueError: a pattern that matches no layer; a layer with a kernel that is not skipped
+        and is neither nn.Dense nor nn.Conv, or is called never or twice by the forward pass;
+        calibration inputs that are not floating, finite, or of the shape the model takes.
     """
     overrides = dict(layers or {})
     apply_kwargs = dict(apply_kwargs or {})
