@@ -34,7 +34,7 @@ def test_embedded_pipeline_end_to_end(tmp_path):
         assert [lay["path"] for lay in layers] == ["Dense_0", "Dense_1", "Dense_2"], method
     table = (tmp_path / "results.md").read_text()
     assert "| GPFQ |" in table and "Width decay" in table
-    for name in ("accuracy_vs_bits", "layer_error", "width_decay"):
+    for name in ("accuracy_vs_bits", "accuracy_vs_c", "layer_error", "width_decay"):
         assert (tmp_path / f"mnist_mlp_{name}.png").stat().st_size > 1000
     # A second call restores the float checkpoint instead of training again.
     config.epochs = 0  # training now would fail: there would be no optimizer steps
