@@ -1,0 +1,48 @@
+"""The paper's full CIFAR-10 schedule (authors' released code), ResNet-20. Days on a CPU.
+
+    python -m experiments.proxquant.main --config=experiments/proxquant/configs/full.py \
+        --workdir=/tmp/qjax/proxquant_full
+
+Warm start: SGD momentum 0.9, lr 0.1 (×0.1 at epochs 100 and 150), weight decay 1e-4, batch 128,
+200 epochs. Quantized training: Adam lr 0.01, 200 epochs, then 100 epochs with the quantized
+weights frozen (the paper's "freeze at epoch 200" of a 300-epoch run); ProxQuant λ_t = 1e-4·epoch;
+BinaryConnect lr ×0.1 at epochs 81 and 122. The paper trains ternary for 400 + 200 epochs: set
+quant.epochs / quant.freeze_epochs to 400 / 200 for a ternary-only run.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.dataset = "cifar10"
+    config.data_dir = ""  # empty: $QJAX_DATA_DIR, ../shared/data, then TFDS
+    config.train_size = 50_000
+    config.test_size = 10_000
+    config.depth = 20
+    config.seed = 0
+    config.batch_size = 128
+    config.eval_batch_size = 500
+    config.sign_change_every_steps = 390
+    config.bn_reestimation_batches = 100
+    config.methods = ("binaryconnect", "proxquant_binary", "proxquant_ternary")
+    # Kept in float: 1×1 projection shortcuts (binary); also the first conv and the head (ternary).
+    config.binary_float_layers = ("shortcut",)
+    config.ternary_float_layers = ("shortcut", "^conv_init/", "^head/")
+
+    config.warm = ml_collections.ConfigDict()
+    config.warm.epochs = 200
+    config.warm.learning_rate = 0.1
+    config.warm.lr_decay_epochs = (100, 150)
+    config.warm.momentum = 0.9
+    config.warm.weight_decay = 1e-4
+
+    config.quant = ml_collections.ConfigDict()
+    config.quant.epochs = 200
+    config.quant.freeze_epochs = 100
+    config.quant.learning_rate = 0.01
+    config.quant.freeze_learning_rate = 0.01
+    config.quant.reg_binary = 1e-4  # λ: λ_t = λ·epoch, prox strength η·λ_t
+    config.quant.reg_ternary = 1e-4
+    config.quant.bc_lr_decay_fractions = (81 / 200, 122 / 200)
+    return config

@@ -1,0 +1,24 @@
+"""Tiny PTB-pipeline run for the tests (seconds): a small LSTM on a synthetic token stream.
+
+    python -m experiments.ptb.main --config=experiments/ptb/configs/tiny.py \
+        --workdir=/tmp/qjax/ptb_tiny
+"""
+
+from experiments.ptb.configs import full
+
+
+def get_config():
+    config = full.get_config()
+    config.dataset = "synthetic"
+    config.train_tokens = 2000
+    config.embed_dim = 16
+    config.hidden_dim = 16
+    config.batch_size = 10
+    config.eval_batch_size = 10
+    config.bptt = 10
+    config.learning_rate = 2.0
+    config.warm_epochs = 2
+    config.quant_epochs = 1
+    config.bits = (1, 2)
+    config.reg = 1.0
+    return config

@@ -1,0 +1,191 @@
+"""Tests of the optax ProxQuant transform, the BinaryConnect helpers and path masks."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from qjax import prox, transforms
+
+
+def tree_allclose(a, b, atol=1e-6):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=atol), a, b)
+
+
+PARAMS = {
+    "dense": {"kernel": jnp.linspace(-1.5, 1.5, 12).reshape(3, 4), "bias": jnp.ones(4) * 0.3},
+    "conv": {"kernel": jnp.linspace(-0.7, 0.9, 8).reshape(1, 2, 1, 4)},
+}
+GRADS = jax.tree.map(lambda p: jnp.cos(3 * p) + 0.1, PARAMS)
+
+
+def test_params_plus_updates_is_the_prox_of_the_inner_step():
+    inner = optax.adam(0.05)
+    tx = optax.chain(inner, transforms.prox_quant(0.2, "binary"))
+    updates, _ = tx.update(GRADS, tx.init(PARAMS), PARAMS)
+    inner_updates, _ = inner.update(GRADS, inner.init(PARAMS), PARAMS)
+    expected = jax.tree.map(lambda p, u: prox.binary_prox(p + u, 0.2), PARAMS, inner_updates)
+    tree_allclose(optax.apply_updates(PARAMS, updates), expected)
+
+
+def test_schedule_is_evaluated_at_the_step_count():
+    seen = []
+    tx = transforms.prox_quant(lambda count: (seen.append(count), 0.1 * count)[1], "ternary")
+    state = tx.init(PARAMS)
+    params = PARAMS
+    for step in range(3):
+        updates, state = tx.update(GRADS, state, params)
+        expected = jax.tree.map(
+            lambda p, g, s=step: prox.ternary_prox(p + g, 0.1 * s), params, GRADS
+        )
+        params = optax.apply_updates(params, updates)
+        tree_allclose(params, expected, atol=1e-5)
+    assert [int(c) for c in seen] == [0, 1, 2] and int(state.count) == 3
+
+
+def test_clip_bounds_the_weights():
+    big = jax.tree.map(lambda g: 10 * g, GRADS)
+    tx = transforms.prox_quant(0.01, "binary", clip=1.0)
+    updates, _ = tx.update(big, tx.init(PARAMS), PARAMS)
+    new = optax.apply_updates(PARAMS, updates)
+    assert all(float(jnp.max(jnp.abs(leaf))) <= 1.0 for leaf in jax.tree.leaves(new))
+
+
+def test_needs_params():
+    tx = transforms.prox_quant(0.1)
+    with pytest.raises(ValueError, match="params"):
+        tx.update(GRADS, tx.init(PARAMS))
+
+
+def test_mask_leaves_other_updates_unchanged_and_keeps_structure():
+    mask = transforms.mask_by_path()
+    assert mask(PARAMS) == {"dense": {"kernel": True, "bias": False}, "conv": {"kernel": True}}
+    tx = transforms.prox_quant(0.3, "binary", mask=mask)
+    updates, _ = tx.update(GRADS, tx.init(PARAMS), PARAMS)
+    assert jax.tree.structure(updates) == jax.tree.structure(PARAMS)
+    np.testing.assert_array_equal(updates["dense"]["bias"], GRADS["dense"]["bias"])
+    np.testing.assert_allclose(
+        PARAMS["conv"]["kernel"] + updates["conv"]["kernel"],
+        prox.binary_prox(PARAMS["conv"]["kernel"] + GRADS["conv"]["kernel"], 0.3),
+        atol=1e-6,
+    )
+
+
+def test_mask_by_path_exclude():
+    mask = transforms.mask_by_path(exclude=["^conv/"])
+    assert mask(PARAMS) == {"dense": {"kernel": True, "bias": False}, "conv": {"kernel": False}}
+
+
+def test_mask_with_wrong_structure_raises():
+    with pytest.raises(ValueError, match="mask"):
+        transforms.hard_quantize(PARAMS, mask={"dense": True})
+
+
+def test_inject_hyperparams_controls_the_strength():
+    tx = optax.inject_hyperparams(transforms.prox_quant)(reg_schedule=0.0, quantizer="binary")
+    state = tx.init(PARAMS)
+    updates, state = tx.update(GRADS, state, PARAMS)
+    tree_allclose(updates, GRADS)  # λ = 0: identity prox
+    state.hyperparams["reg_schedule"] = jnp.asarray(1e6)
+    updates, _ = jax.jit(tx.update)(GRADS, state, PARAMS)
+    hard = jax.tree.map(lambda p, g: prox.binary_quantize(p + g), PARAMS, GRADS)
+    tree_allclose(optax.apply_updates(PARAMS, updates), hard)
+
+
+def test_linear_reg_schedule():
+    schedule = transforms.linear_reg_schedule(learning_rate=0.01, reg=1e-4, steps_per_epoch=50)
+    np.testing.assert_allclose(schedule(100), 0.01 * 1e-4 * 2)
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        transforms.linear_reg_schedule(learning_rate=0.01, reg=1e-4, steps_per_epoch=0)
+
+
+def test_straight_through_forward_is_quantized_and_gradient_passes():
+    w = jnp.array([0.3, -0.2, 1.7])
+
+    def loss(w):
+        q = transforms.straight_through({"kernel": w})["kernel"]
+        return jnp.sum(q * jnp.array([1.0, 2.0, 3.0])), q
+
+    (value, q), grad = jax.value_and_grad(loss, has_aux=True)(w)
+    np.testing.assert_array_equal(q, [1.0, -1.0, 1.0])
+    assert value == 2.0
+    np.testing.assert_array_equal(grad, [1.0, 2.0, 3.0])
+
+
+def test_clip_params_and_hard_quantize():
+    tx = transforms.clip_params(1.0, mask=transforms.mask_by_path())
+    grads = jax.tree.map(lambda g: 5 * g, GRADS)
+    new = optax.apply_updates(PARAMS, tx.update(grads, tx.init(PARAMS), PARAMS)[0])
+    assert float(jnp.max(jnp.abs(new["dense"]["kernel"]))) <= 1.0
+    np.testing.assert_allclose(
+        new["dense"]["bias"], PARAMS["dense"]["bias"] + grads["dense"]["bias"]
+    )
+    hard = transforms.hard_quantize(PARAMS, "binary", mask=transforms.mask_by_path())
+    np.testing.assert_array_equal(jnp.abs(hard["dense"]["kernel"]), 1.0)
+    np.testing.assert_array_equal(hard["dense"]["bias"], PARAMS["dense"]["bias"])
+    assert float(transforms.quantization_error(hard, mask=transforms.mask_by_path())) == 0.0
+    with pytest.raises(ValueError, match="bound"):
+        transforms.clip_params(0.0)
+
+
+class SmallNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(32)(x))
+        return nn.Dense(3)(x)
+
+
+def blobs(key, n=600):
+    centers = 2.0 * jax.random.normal(jax.random.key(42), (3, 10))
+    labels = jax.random.randint(key, (n,), 0, 3)
+    x = centers[labels] + jax.random.normal(jax.random.fold_in(key, 1), (n, 10))
+    return x, labels
+
+
+def accuracy(params, x, y):
+    return float(jnp.mean(jnp.argmax(SmallNet().apply(params, x), -1) == y))
+
+
+# The binary prox reaches {±1} exactly once λ_t exceeds the distance; the ternary pull
+# (θ + λT(θ)) / (1 + λ) leaves about η/λ_t after each Adam step of size η, hence a faster growth.
+@pytest.mark.parametrize(
+    ("quantizer", "growth", "tolerance"), [("binary", 1e-3, 1e-6), ("ternary", 0.1, 1e-3)]
+)
+def test_chain_drives_a_model_onto_the_quantized_set(quantizer, growth, tolerance):
+    model = SmallNet()
+    x, y = blobs(jax.random.key(0))
+    x_test, y_test = blobs(jax.random.key(1))
+    params = model.init(jax.random.key(2), x[:1])
+
+    def loss_fn(params):
+        logits = model.apply(params, x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    warm = optax.adam(1e-2)
+    state = warm.init(params)
+    for _ in range(100):
+        updates, state = warm.update(jax.grad(loss_fn)(params), state, params)
+        params = optax.apply_updates(params, updates)
+    float_accuracy = accuracy(params, x_test, y_test)
+
+    mask = transforms.mask_by_path()
+    tx = optax.chain(
+        optax.adam(1e-2),
+        transforms.prox_quant(lambda t: growth * t, quantizer, clip=1.0, mask=mask),
+    )
+
+    @jax.jit
+    def train_step(params, state):
+        updates, state = tx.update(jax.grad(loss_fn)(params), state, params)
+        return optax.apply_updates(params, updates), state
+
+    state = tx.init(params)
+    for _ in range(300):
+        params, state = train_step(params, state)
+    assert train_step._cache_size() == 1  # the jitted step compiled once
+    assert float(transforms.quantization_error(params, quantizer, mask=mask)) < tolerance
+    hard = transforms.hard_quantize(params, quantizer, mask=mask)
+    assert abs(accuracy(hard, x_test, y_test) - accuracy(params, x_test, y_test)) <= 0.01
+    assert accuracy(hard, x_test, y_test) >= float_accuracy - 0.05
