@@ -207,12 +207,9 @@ def _discover_layers(model: nn.Module, variables, batch, apply_kwargs) -> list[_
     for path, module in calls.items():
         if path not in kernel_paths:
             continue
-        name = "/".join(path)
         if counts[path] > 1:
-            raise ValueError(
-                f"layer {name} is called {counts[path]} times: shared layers are not supported"
-            )
-        if isinstance(module, nn.Dense):
+            layers.append(_Layer(path, "shared", None))
+        elif isinstance(module, nn.Dense):
             layers.append(_Layer(path, "Dense", None))
         elif isinstance(module, nn.Conv):
             layers.append(_Layer(path, "Conv", ConvGeometry.from_module(module)))
@@ -312,9 +309,9 @@ def quantize_model(
       (new variables with quantized kernels, one `LayerReport` per layer in call order).
 
     Raises:
-      ValueError: a pattern that matches no layer, a layer with a kernel that is neither
-        nn.Dense nor nn.Conv (or not called by the forward pass) and is not skipped, calibration
-        inputs that are not floating, finite, or of the shape the model takes.
+      ValueError: a pattern that matches no layer; a layer with a kernel that is not skipped
+        and is neither nn.Dense nor nn.Conv, or is called never or twice by the forward pass;
+        calibration inputs that are not floating, finite, or of the shape the model takes.
     """
     overrides = dict(layers or {})
     apply_kwargs = dict(apply_kwargs or {})
@@ -337,7 +334,10 @@ def quantize_model(
             layer.kind not in ("Dense", "Conv")
             and _spec_for(layer, spec, overrides).method != "skip"
         ):
-            why = "is never called" if layer.kind == "uncalled" else f"is a {layer.kind}"
+            why = {
+                "uncalled": "is never called",
+                "shared": "is called more than once (shared layers are not supported)",
+            }.get(layer.kind, f"is a {layer.kind}")
             raise ValueError(
                 f"layer {layer.name} {why}: only nn.Dense and nn.Conv can be quantized; "
                 f"skip it with layers={{{layer.name!r}: LayerSpec(method='skip')}}"

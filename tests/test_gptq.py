@@ -32,7 +32,7 @@ def correlated_inputs(key, m, n0):
     return jax.random.normal(k2, (m, n0)) @ mix
 
 
-@pytest.mark.parametrize("block_size", [1, 3, 16, 64])
+@pytest.mark.parametrize("block_size", [1, 5, 64])
 def test_matches_reference(block_size):
     jax.config.update("jax_enable_x64", True)
     try:

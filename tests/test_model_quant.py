@@ -195,6 +195,25 @@ def test_unknown_layer_type_is_named_and_skippable():
     assert [(r.path, r.method) for r in reports] == [("proj", "skip"), ("Dense_0", "gpfq")]
 
 
+class Shared(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        dense = nn.Dense(3, name="twice")
+        return nn.Dense(2)(dense(dense(x)))
+
+
+def test_shared_layer_is_refused_unless_skipped():
+    model = Shared()
+    x = jnp.ones((4, 3))
+    variables = model.init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="twice is called more than once"):
+        quantize_model(model, variables, x, progress=False)
+    _, reports = quantize_model(
+        model, variables, x, layers={"twice": LayerSpec(method="skip")}, progress=False
+    )
+    assert [r.method for r in reports] == ["skip", "gpfq"]
+
+
 def test_bad_arguments(mlp):
     model, variables, x = mlp
     with pytest.raises(ValueError, match="matches no layer"):

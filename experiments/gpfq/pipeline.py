@@ -232,6 +232,8 @@ def write_outputs(results: dict, config: ml_collections.ConfigDict, workdir: str
     prefix = os.path.join(workdir, f"{config.dataset}_{config.model}")
     plots.accuracy_vs_levels(results, f"{prefix}_accuracy_vs_bits.png")
     plots.layer_errors(results, f"{prefix}_layer_error.png")
+    coarsest = results["sweep"][0]["num_letters"]
+    plots.accuracy_vs_c(results, coarsest, f"{prefix}_accuracy_vs_c.png")
     if results["width"]:
         plots.width_decay(results, f"{prefix}_width_decay.png")
     print(table)

@@ -32,6 +32,23 @@ def accuracy_vs_levels(results: dict, path: str) -> None:
     _save(fig, path)
 
 
+def accuracy_vs_c(results: dict, num_letters: int, path: str) -> None:
+    """Test accuracy against the scale constant C at one alphabet size (the paper's C sweep)."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    rows = [r for r in results["sweep"] if r["num_letters"] == num_letters]
+    for method in results["best"]:
+        name, color = METHOD_STYLE.get(method, (method, None))
+        points = sorted((r["c"], r["accuracy"]) for r in rows if r["method"] == method)
+        ax.plot(*zip(*points, strict=True), "o-", label=name, color=color)
+    ax.axhline(results["float_accuracy"], color="gray", ls="--", label="float")
+    ax.set_xlabel("scale constant C")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{results['title']}: {rows[0]['level']}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+
+
 def layer_errors(results: dict, path: str) -> None:
     """Relative error ||XW - X~Q|| / ||XW|| per layer, at the best C, for each method."""
     fig, ax = plt.subplots(figsize=(5, 3.5))

@@ -115,6 +115,10 @@ def train(model: nn.Module, splits: Splits, config: ml_collections.ConfigDict, *
     sample = preprocess(splits.train.images[:2], config.dataset)
     variables = model.init(init_key, sample)
     steps_per_epoch = len(splits.train.labels) // config.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"batch_size {config.batch_size} exceeds the {len(splits.train.labels)} training images"
+        )
     schedule = optax.cosine_decay_schedule(config.learning_rate, config.epochs * steps_per_epoch)
     state = TrainState.create(
         apply_fn=model.apply,

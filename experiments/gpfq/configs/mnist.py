@@ -13,6 +13,8 @@ from experiments.gpfq.configs import default
 def get_config(variant: str = "full") -> ml_collections.ConfigDict:
     config = default.get_config()
     config.data_source = "dir"
+    config.epochs = 8
+    config.c_values = (1.0, 2.0, 3.0, 4.0, 5.0)
     if variant == "tiny":
         config.data_source = "auto"
         tiny(config)
@@ -26,6 +28,7 @@ def tiny(config: ml_collections.ConfigDict) -> None:
     config.max_train_examples = 512
     config.max_test_examples = 256
     config.epochs = 1
+    config.batch_size = 32
     config.width_scale = 0.1
     config.cnn_stages = (4, 8)
     config.cnn_dense = 16
