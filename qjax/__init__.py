@@ -3,11 +3,17 @@
 Two published methods:
 
 * GPFQ, greedy path-following quantization (Lybrand & Saab), post-training: `gpfq_layer`,
-  `gpfq_conv`, and the streaming `gram_stats_update` + `gpfq_from_stats`; the MSQ baseline `msq`.
-* ProxQuant (Bai, Wang & Liberty, ICLR 2019), quantization-aware training as an optax transform.
+  `gpfq_conv`, the streaming `gram_stats_update` + `gpfq_from_stats`, and `quantize_model` for
+  whole Flax models; the baselines `msq` (rounding) and `gptq_from_stats` (GPTQ).
+* ProxQuant (Bai, Wang & Liberty, ICLR 2019), quantization-aware training as optax transforms:
+  `prox_quant` (last link of an `optax.chain`), the BinaryConnect baseline `straight_through`
+  + `clip_params`, `hard_quantize` and `reestimate_batch_stats` for the end of training.
+
+Submodules: `alphabets`, `patches`, `prox`, `transforms`, `batchnorm`, `metrics`, `data`, `models`.
 """
 
-from qjax import alphabets, patches
+from qjax import alphabets, batchnorm, data, metrics, models, patches, prox, transforms
+from qjax.batchnorm import reestimate_batch_stats
 from qjax.gpfq import (
     GramStats,
     gpfq_conv,
@@ -19,26 +25,8 @@ from qjax.gpfq import (
     msq,
     relative_error,
 )
-
-__version__ = "0.1.0"
-
-__all__ = [
-    "GramStats",
-    "alphabets",
-    "gpfq_conv",
-    "gpfq_from_stats",
-    "gpfq_layer",
-    "gram_stats",
-    "gram_stats_init",
-    "gram_stats_update",
-    "msq",
-    "patches",
-    "relative_error",
-]
-
-# --- ProxQuant (qjax.prox, qjax.transforms, qjax.batchnorm, qjax.metrics) ---
-from qjax import batchnorm, metrics, prox, transforms
-from qjax.batchnorm import reestimate_batch_stats
+from qjax.gptq import gptq_from_stats
+from qjax.model_quant import LayerReport, LayerSpec, format_report, quantize_model
 from qjax.transforms import (
     ProxQuantState,
     clip_params,
@@ -50,18 +38,43 @@ from qjax.transforms import (
     straight_through,
 )
 
-__all__ += [
+__version__ = "0.1.0"
+
+__all__ = [
+    "GramStats",
+    "LayerReport",
+    "LayerSpec",
     "ProxQuantState",
+    "alphabets",
     "batchnorm",
     "clip_params",
+    "data",
+    "format_report",
+    "gpfq_conv",
+    "gpfq_from_stats",
+    "gpfq_layer",
+    "gptq_from_stats",
+    "gram_stats",
+    "gram_stats_init",
+    "gram_stats_update",
     "hard_quantize",
     "linear_reg_schedule",
     "mask_by_path",
     "metrics",
+    "models",
+    "msq",
+    "patches",
     "prox",
     "prox_quant",
     "quantization_error",
+    "quantize_model",
     "reestimate_batch_stats",
+    "relative_error",
     "straight_through",
     "transforms",
 ]
+
+# --- Deployable output: packed integer codes, quantized inference, checkpoints (issue 8) ---
+from qjax import export
+
+__all__ += ["export"]

@@ -10,11 +10,13 @@ N0g = prod(window)·cin/groups and N1g = cout/groups. GPFQ therefore quantizes a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 __all__ = ["ConvGeometry", "conv_patches", "kernel_to_matrix", "matrix_to_kernel"]
@@ -107,6 +109,7 @@ class ConvGeometry:
         return math.prod(self.kernel_size)
 
 
+@functools.partial(jax.jit, static_argnames=("geometry",))
 def conv_patches(images: ArrayLike, geometry: ConvGeometry) -> jax.Array:
     """The patch matrices of a batch of images, one per feature group.
 
@@ -139,24 +142,58 @@ def conv_patches(images: ArrayLike, geometry: ConvGeometry) -> jax.Array:
         ]
         images = jnp.pad(images, [(0, 0), *pads, (0, 0)], mode="wrap")
         padding = "VALID"
-    spatial = "".join("DHW"[-ndim:]) if ndim <= 3 else None
-    if spatial is None:
-        raise ValueError(f"at most 3 spatial dimensions are supported, got {ndim}")
-    dimension_numbers = (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")
-    patches = jax.lax.conv_general_dilated_patches(
+    dilated_window = [
+        (k - 1) * d + 1 for k, d in zip(geometry.kernel_size, geometry.kernel_dilation, strict=True)
+    ]
+    if isinstance(padding, str):
+        # As lax.conv_general_dilated: string pads are computed on the undilated input.
+        padding = jax.lax.padtype_to_pads(
+            images.shape[1:-1], dilated_window, geometry.strides, padding
+        )
+    # Zero padding and input dilation in one op (interior padding inserts the dilation's zeros).
+    images = jax.lax.pad(
         images,
-        filter_shape=geometry.kernel_size,
-        window_strides=geometry.strides,
-        padding=padding,
-        lhs_dilation=geometry.input_dilation,
-        rhs_dilation=geometry.kernel_dilation,
-        dimension_numbers=dimension_numbers,
-        precision=jax.lax.Precision.HIGHEST,
+        jnp.zeros((), images.dtype),
+        [
+            (0, 0, 0),
+            *(
+                (lo, hi, d - 1)
+                for (lo, hi), d in zip(padding, geometry.input_dilation, strict=True)
+            ),
+            (0, 0, 0),
+        ],
     )
-    # Features come ordered (cin, *window); the kernel flattens as (*window, cin_g) per group.
-    window = geometry.window_size
-    patches = patches.reshape(-1, groups, cin // groups, window)
-    return jnp.transpose(patches, (1, 0, 3, 2)).reshape(groups, -1, window * (cin // groups))
+    out_shape = [
+        (n - k) // s + 1
+        for n, k, s in zip(images.shape[1:-1], dilated_window, geometry.strides, strict=True)
+    ]
+    if min(out_shape) < 1:
+        raise ValueError(f"the window {geometry.kernel_size} does not fit in images {images.shape}")
+    # One strided slice per window offset: memory copies only, in the kernel's (*window, cin)
+    # order. (lax.conv_general_dilated_patches would do a convolution with a one-hot kernel,
+    # which costs as many flops as the Gram products themselves.)
+    slices = [
+        jax.lax.slice(
+            images,
+            (0, *(o * d for o, d in zip(offset, geometry.kernel_dilation, strict=True)), 0),
+            (
+                images.shape[0],
+                *(
+                    o * d + (n - 1) * s + 1
+                    for o, d, n, s in zip(
+                        offset, geometry.kernel_dilation, out_shape, geometry.strides, strict=True
+                    )
+                ),
+                cin,
+            ),
+            (1, *geometry.strides, 1),
+        )
+        for offset in np.ndindex(*geometry.kernel_size)
+    ]
+    patches = jnp.stack(slices, axis=-2)  # (batch, *out, window, cin)
+    cin_g = cin // groups
+    patches = patches.reshape(-1, geometry.window_size, groups, cin_g)
+    return jnp.transpose(patches, (2, 0, 1, 3)).reshape(groups, -1, geometry.window_size * cin_g)
 
 
 def kernel_to_matrix(kernel: ArrayLike, geometry: ConvGeometry) -> jax.Array:

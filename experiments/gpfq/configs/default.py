@@ -1,0 +1,44 @@
+"""Defaults shared by the GPFQ experiment configs (MNIST MLP, full data).
+
+Not run directly: see mnist.py, mnist_embedded.py and cifar10.py.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    # Data: qjax.data loaders. data_dir "" searches $QJAX_DATA_DIR, ../shared/data, TFDS.
+    config.dataset = "mnist"
+    config.data_dir = ""
+    config.data_source = "auto"
+    config.max_train_examples = 0  # 0: all
+    config.max_test_examples = 0
+    # Model.
+    config.model = "mlp"
+    config.width_scale = 1.0  # MLP 784 → 500 → BN → 300 → BN → 10
+    config.cnn_stages = (32, 64, 128)
+    config.cnn_dense = 128
+    # Float training: AdamW with cosine decay.
+    config.seed = 0
+    config.epochs = 10
+    config.batch_size = 128
+    config.learning_rate = 1e-3
+    config.weight_decay = 1e-4
+    config.augment = False
+    config.eval_batch_size = 1000
+    # Quantization: every Dense/Conv layer, alphabets C·median|W|·linspace(-1, 1, n) as in the
+    # GPFQ reference code (n = 3 is ternary, n = 2^b is "b bits").
+    config.methods = ("gpfq", "msq", "gptq")
+    config.num_letters = (3, 4, 8, 16)
+    config.c_values = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
+    config.rule = "median"
+    config.per_channel = False
+    config.calibration_size = 2048
+    config.calibration_batch_size = 512
+    config.calibration_seed = 0
+    # Width decay: MLP width multipliers, quantized at `width_num_letters` letters with GPFQ and
+    # MSQ (best C each). Empty: skip.
+    config.width_scales = (0.25, 0.5, 1.0, 2.0)
+    config.width_num_letters = 3
+    return config

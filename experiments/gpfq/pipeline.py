@@ -1,0 +1,237 @@
+"""The GPFQ experiment: train a float classifier, quantize it with GPFQ, MSQ and GPTQ over
+alphabets and scale constants C, evaluate, and write results.json, results.md and plots.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+import qjax
+from experiments.gpfq import plots, train
+
+
+def level_label(num_letters: int) -> str:
+    """ "ternary" for 3 letters, "b-bit" for 2^b letters, else "n letters"."""
+    if num_letters == 3:
+        return "ternary"
+    bits = int(np.log2(num_letters))
+    return f"{bits}-bit" if 2**bits == num_letters else f"{num_letters} letters"
+
+
+def calibration_batches(splits: train.Splits, config: ml_collections.ConfigDict) -> list:
+    """A fixed random subset of the training images, preprocessed, in batches."""
+    n = min(config.calibration_size, len(splits.train.labels))
+    index = np.sort(
+        np.random.default_rng(config.calibration_seed).choice(
+            len(splits.train.labels), n, replace=False
+        )
+    )
+    images = train.preprocess(splits.train.images[index], config.dataset)
+    step = config.calibration_batch_size
+    return [images[i : i + step] for i in range(0, n, step)]
+
+
+def quantize_and_evaluate(
+    trained: train.TrainResult,
+    splits: train.Splits,
+    calibration: list,
+    config: ml_collections.ConfigDict,
+    *,
+    method: str,
+    num_letters: int,
+    c: float,
+) -> dict:
+    """One quantized model: its test accuracy and per-layer report."""
+    spec = qjax.LayerSpec(
+        method=method,
+        num_letters=num_letters,
+        c=c,
+        rule=config.rule,
+        per_channel=config.per_channel,
+    )
+    start = time.perf_counter()
+    variables, report = qjax.quantize_model(
+        trained.model, trained.variables, calibration, spec=spec, progress=False
+    )
+    seconds = time.perf_counter() - start
+    accuracy = train.accuracy(trained.model, variables, splits.test, config)
+    logging.info(
+        "%s %s C=%g: %.2f%% (%.1fs)", method, level_label(num_letters), c, accuracy, seconds
+    )
+    return {
+        "method": method,
+        "num_letters": num_letters,
+        "level": level_label(num_letters),
+        "c": c,
+        "accuracy": accuracy,
+        "seconds": seconds,
+        "layers": [r._asdict() for r in report],
+    }
+
+
+def sweep(trained, splits, calibration, config, *, methods, levels) -> list[dict]:
+    """Every (method, alphabet, C) of the grid."""
+    return [
+        quantize_and_evaluate(
+            trained, splits, calibration, config, method=method, num_letters=n, c=c
+        )
+        for method in methods
+        for n in levels
+        for c in config.c_values
+    ]
+
+
+def best_over_c(rows: list[dict], method: str, num_letters: int) -> dict:
+    candidates = [r for r in rows if r["method"] == method and r["num_letters"] == num_letters]
+    return max(candidates, key=lambda r: r["accuracy"])
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Runs the whole experiment and writes its outputs into `workdir`.
+
+    Returns:
+      The results dictionary also written to `workdir/results.json`.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    start = time.perf_counter()
+    splits = train.load_splits(config)
+    trained = train.train_and_evaluate(config, workdir, splits=splits)
+    calibration = calibration_batches(splits, config)
+    methods, levels = tuple(config.methods), tuple(config.num_letters)
+    rows = sweep(trained, splits, calibration, config, methods=methods, levels=levels)
+    best = {m: [best_over_c(rows, m, n) for n in levels] for m in methods}
+    # Per-layer errors at the coarsest alphabet, where the methods differ most.
+    error_level = levels[0]
+    results = {
+        "title": f"{config.dataset} {config.model}",
+        "dataset": config.dataset,
+        "data_source": splits.train.source,
+        "train_examples": len(splits.train.labels),
+        "test_examples": len(splits.test.labels),
+        "calibration_examples": sum(len(b) for b in calibration),
+        "float_accuracy": trained.test_accuracy,
+        "level_labels": [level_label(n) for n in levels],
+        "best": {
+            m: [{k: r[k] for k in ("level", "c", "accuracy")} for r in rs] for m, rs in best.items()
+        },
+        "layer_errors_level": level_label(error_level),
+        "layer_errors": {m: best_over_c(rows, m, error_level)["layers"] for m in methods},
+        "sweep": rows,
+        "width": [],
+        "width_level": level_label(config.width_num_letters),
+    }
+    for scale in config.width_scales:
+        wide = train.train_and_evaluate(config, workdir, splits=splits, width_scale=scale)
+        wide_rows = sweep(
+            wide,
+            splits,
+            calibration,
+            config,
+            methods=("gpfq", "msq"),
+            levels=(config.width_num_letters,),
+        )
+        results["width"].append(
+            {
+                "width_scale": scale,
+                "hidden": list(wide.model.hidden),
+                "float_accuracy": wide.test_accuracy,
+                **{
+                    m: {
+                        k: best_over_c(wide_rows, m, config.width_num_letters)[k]
+                        for k in ("c", "accuracy")
+                    }
+                    for m in ("gpfq", "msq")
+                },
+            }
+        )
+    results["total_seconds"] = time.perf_counter() - start
+    write_outputs(results, config, workdir)
+    return results
+
+
+def markdown(results: dict, config: ml_collections.ConfigDict) -> str:
+    """The results as Markdown tables."""
+    lines = [
+        f"### {results['title']}: {results['train_examples']} train / "
+        f"{results['test_examples']} test images ({results['data_source']}), "
+        f"{results['calibration_examples']} calibration images",
+        "",
+        f"Float test accuracy: {results['float_accuracy']:.2f} %. Quantized (all layers, "
+        f"alphabet C·{config.rule}|W|·linspace(-1, 1, n), best C of {list(config.c_values)}):",
+        "",
+        "| method | " + " | ".join(results["level_labels"]) + " |",
+        "|---" * (len(results["level_labels"]) + 1) + "|",
+    ]
+    for method, rows in results["best"].items():
+        cells = [f"{r['accuracy']:.2f} (C={r['c']:g})" for r in rows]
+        lines.append(f"| {method.upper()} | " + " | ".join(cells) + " |")
+    ternary = [r for r in results["sweep"] if r["num_letters"] == 3]
+    if ternary:
+        cs = list(config.c_values)
+        lines += [
+            "",
+            "Ternary, test accuracy (%) by C:",
+            "",
+            "| C | " + " | ".join(f"{c:g}" for c in cs) + " |",
+            "|---" * (len(cs) + 1) + "|",
+        ]
+        for method in results["best"]:
+            acc = {r["c"]: r["accuracy"] for r in ternary if r["method"] == method}
+            lines.append(f"| {method.upper()} | " + " | ".join(f"{acc[c]:.2f}" for c in cs) + " |")
+    lines += [
+        "",
+        f"Per-layer relative error ||XW − X~Q|| / ||XW||, {results['layer_errors_level']}, best C:",
+        "",
+        "| layer | " + " | ".join(m.upper() for m in results["layer_errors"]) + " |",
+        "|---" * (len(results["layer_errors"]) + 1) + "|",
+    ]
+    per_method = list(results["layer_errors"].values())
+    for i, layer in enumerate(per_method[0]):
+        cells = [
+            ("float" if lay[i]["relative_error"] is None else f"{lay[i]['relative_error']:.3f}")
+            for lay in per_method
+        ]
+        lines.append(f"| {layer['path']} | " + " | ".join(cells) + " |")
+    if results["width"]:
+        lines += [
+            "",
+            f"Width decay ({results['width_level']}, best C): accuracy (%)",
+            "",
+            "| hidden widths | float | GPFQ | MSQ | GPFQ drop | MSQ drop |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in results["width"]:
+            f, hidden = row["float_accuracy"], "→".join(map(str, row["hidden"]))
+            lines.append(
+                f"| {hidden} | {f:.2f} | {row['gpfq']['accuracy']:.2f} | "
+                f"{row['msq']['accuracy']:.2f} | {f - row['gpfq']['accuracy']:.2f} | "
+                f"{f - row['msq']['accuracy']:.2f} |"
+            )
+    lines += [
+        "",
+        f"Total time: {results['total_seconds'] / 60:.1f} min "
+        f"({jax.device_count()} {jax.devices()[0].platform} device).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(results: dict, config: ml_collections.ConfigDict, workdir: str) -> None:
+    """results.json, results.md and the PNG plots."""
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    table = markdown(results, config)
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+        f.write(table)
+    prefix = os.path.join(workdir, f"{config.dataset}_{config.model}")
+    plots.accuracy_vs_levels(results, f"{prefix}_accuracy_vs_bits.png")
+    plots.layer_errors(results, f"{prefix}_layer_error.png")
+    if results["width"]:
+        plots.width_decay(results, f"{prefix}_width_decay.png")
+    print(table)

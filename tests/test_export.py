@@ -1,0 +1,448 @@
+"""Tests for qjax.export: packing, grids, errors, pytree behaviour, orbax, quantized inference."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qjax import alphabets, export, transforms
+from qjax.models import CNN, MLP, lstm, resnet
+
+
+def _quantize(w, bits, *, per_channel=False):
+    """Weights rounded to the symmetric b-bit alphabet scaled to them, and that alphabet."""
+    alphabet = alphabets.for_weights(w, bits=bits, c=2.0, per_channel=per_channel)
+    return alphabet.project(w), alphabet
+
+
+# ---------------------------------------------------------------------------------- packing
+
+
+@pytest.mark.parametrize(
+    ("num_letters", "bits"),
+    [(1, 1), (2, 1), (3, 2), (4, 2), (5, 4), (15, 4), (16, 4), (17, 8), (255, 8), (256, 8)],
+)
+def test_container_bits(num_letters, bits):
+    assert export.container_bits(num_letters) == bits
+
+
+@pytest.mark.parametrize("num_letters", [0, 257, 2.0])
+def test_container_bits_rejects(num_letters):
+    with pytest.raises(ValueError, match="num_letters"):
+        export.container_bits(num_letters)
+
+
+@settings(deadline=None, max_examples=20)
+@given(
+    bits=st.sampled_from([1, 2, 4, 8]),
+    shape=st.lists(st.integers(1, 7), min_size=1, max_size=3).map(tuple),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_pack_unpack_round_trip(bits, shape, seed):
+    codes = np.random.default_rng(seed).integers(0, 2**bits, size=shape, dtype=np.uint8)
+    packed = export.pack_codes(codes, bits)
+    assert packed.dtype == jnp.uint8
+    assert packed.shape == (math.ceil(codes.size * bits / 8),)
+    np.testing.assert_array_equal(export.unpack_codes(packed, bits, shape), codes)
+
+
+def test_pack_layout_matches_numpy_packbits():
+    # One bit per code, first code in the lowest bit: numpy's little-endian bit order.
+    codes = np.random.default_rng(0).integers(0, 2, size=29, dtype=np.uint8)
+    np.testing.assert_array_equal(
+        export.pack_codes(codes, 1), np.packbits(codes, bitorder="little")
+    )
+    # Two bits per code: byte = c0 + 4·c1 + 16·c2 + 64·c3.
+    codes = np.array([3, 0, 2, 1, 1], np.uint8)
+    np.testing.assert_array_equal(export.pack_codes(codes, 2), [3 + 0 + 32 + 64, 1])
+
+
+def test_pack_rejects_codes_too_large():
+    with pytest.raises(ValueError, match="codes must lie in \\[0, 4\\)"):
+        export.pack_codes(np.array([0, 4]), 2)
+
+
+def test_unpack_rejects_wrong_length():
+    with pytest.raises(ValueError, match="packed must have shape"):
+        export.unpack_codes(jnp.zeros(3, jnp.uint8), 2, (4, 4))
+
+
+# ------------------------------------------------------------------------- quantize_array
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
+def test_given_alphabet_round_trips_bit_for_bit(bits, per_channel):
+    w = jax.random.normal(jax.random.key(bits), (3, 3, 4, 6))
+    q, alphabet = _quantize(w, bits, per_channel=per_channel)
+    packed = export.quantize_array(q, alphabet)
+    assert packed.num_letters == alphabet.size
+    assert packed.bits == export.container_bits(alphabet.size)
+    assert packed.packed.size == math.ceil(q.size * packed.bits / 8)
+    assert packed.scale.shape == ((1, 1, 1, 6) if per_channel else ())
+    np.testing.assert_array_equal(packed.codes, alphabet.codes(q))
+    np.testing.assert_array_equal(packed.dequantize().view(jnp.uint32), q.view(jnp.uint32))
+
+
+@pytest.mark.parametrize("num_letters", [2, 4, 16, 256])
+def test_even_alphabets_without_zero(num_letters):
+    # The GPFQ reference code's R·linspace(-1, 1, 2^b): letters ±δ/2, ±3δ/2, ...
+    w = jax.random.normal(jax.random.key(1), (40, 3))
+    alphabet = alphabets.uniform(num_letters, 1.5)
+    q = alphabet.project(w)
+    for known in (alphabet, None):
+        packed = export.quantize_array(q, known)
+        assert packed.num_letters == num_letters
+        np.testing.assert_allclose(packed.dequantize(), q, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_inferred_grid_matches_the_alphabet(bits):
+    w = jax.random.normal(jax.random.key(2), (64, 8))
+    q, alphabet = _quantize(w, bits)
+    packed = export.quantize_array(q)
+    assert packed.num_letters == alphabet.size
+    assert packed.scale.size == 1  # one alphabet for the layer: one scale
+    np.testing.assert_allclose(packed.scale, alphabet.step, rtol=1e-6)
+    np.testing.assert_array_equal(packed.codes, alphabet.codes(q))
+    np.testing.assert_allclose(packed.dequantize(), q, rtol=1e-6, atol=0)
+
+
+def test_inferred_per_channel_and_per_row():
+    w = jax.random.normal(jax.random.key(3), (30, 5))
+    q, alphabet = _quantize(w, 2, per_channel=True)
+    packed = export.quantize_array(q)
+    assert packed.scale.shape == (1, 5)
+    np.testing.assert_allclose(packed.scale[0], alphabet.step, rtol=1e-6)
+    # An embedding table with one binary scale per row (ProxQuant's channel_axis=0).
+    alpha = jnp.abs(w).mean(axis=1, keepdims=True)
+    table = jnp.where(w >= 0, alpha, -alpha)
+    packed = export.quantize_array(table)
+    assert (packed.num_letters, packed.bits, packed.scale.shape) == (2, 1, (30, 1))
+    np.testing.assert_allclose(packed.dequantize(), table, rtol=1e-6)
+
+
+def test_nearly_equal_channel_scales_stay_per_channel():
+    # Per-channel binary letters ±R_c with R_c within 1e-4 of each other: one scale per channel,
+    # and the weights come back exactly (a shared scale would be off by up to 1e-4·R).
+    radius = 0.2 * (1 + 1e-4 * jnp.arange(6))
+    signs = jnp.sign(jax.random.normal(jax.random.key(11), (50, 6)))
+    w = alphabets.uniform(2, radius).project(signs * radius)
+    packed = export.quantize_array(w)
+    assert packed.scale.shape == (1, 6)
+    np.testing.assert_array_equal(packed.dequantize(), w)
+    with pytest.raises(ValueError, match="off the alphabet"):
+        export.quantize_array(w, channel_axis=None)
+
+
+def test_inferred_grid_with_missing_letters():
+    delta = 0.37
+    # Letters 0, 2δ, -5δ only: the grid is {-5..5}·δ (11 letters, 4 bits).
+    w = delta * np.array([[0.0, 2.0, -5.0], [2.0, 2.0, 0.0]], np.float32)
+    packed = export.quantize_array(w, channel_axis=None)
+    assert packed.num_letters == 11
+    np.testing.assert_allclose(packed.scale, delta, rtol=1e-6)
+    np.testing.assert_allclose(packed.dequantize(), w, rtol=1e-6)
+    # Letters ±δ/2 and 3δ/2 (no 0): the even grid {±1/2, ±3/2}·δ (4 letters, 2 bits).
+    w = delta * np.array([-0.5, 0.5, 1.5, 1.5], np.float32)
+    packed = export.quantize_array(w)
+    assert (packed.num_letters, packed.bits) == (4, 2)
+    np.testing.assert_allclose(packed.dequantize(), w, rtol=1e-6)
+
+
+def test_ternary_channel_without_zero_stays_ternary():
+    # Channel 0 uses {-δ, 0, δ}, channel 1 only ±δ': both fit one odd grid, 3 letters.
+    w = np.array([[-1.0, 0.5], [0.0, -0.5], [1.0, 0.5]], np.float32)
+    packed = export.quantize_array(w, channel_axis=-1)
+    assert packed.num_letters == 3
+    np.testing.assert_array_equal(packed.dequantize(), w)
+
+
+def test_all_zero_tensor():
+    packed = export.quantize_array(np.zeros((4, 3), np.float32))
+    assert (packed.num_letters, packed.bits) == (1, 1)
+    np.testing.assert_array_equal(packed.dequantize(), 0)
+
+
+def test_bfloat16_weights():
+    w = jax.random.normal(jax.random.key(4), (16, 4))
+    q, alphabet = _quantize(w, 2)
+    q = q.astype(jnp.bfloat16)
+    packed = export.quantize_array(q, alphabet)
+    assert packed.dequantize().dtype == jnp.bfloat16
+    np.testing.assert_array_equal(packed.dequantize(), q)
+
+
+# ----------------------------------------------------------------------------------- errors
+
+
+def test_rejects_nan_and_inf():
+    w = np.ones((3, 3), np.float32)
+    w[1, 1] = np.nan
+    with pytest.raises(ValueError, match="'layer/kernel' contains NaN"):
+        export.quantize_array(w, name="layer/kernel")
+    w[1, 1] = np.inf
+    with pytest.raises(ValueError, match="contains Inf"):
+        export.quantize_array(w)
+
+
+def test_rejects_weights_off_the_alphabet():
+    w = jax.random.normal(jax.random.key(5), (20, 4))
+    q, alphabet = _quantize(w, 2)
+    with pytest.raises(ValueError, match="weights of 'x' are off the alphabet: 80 of 80"):
+        export.quantize_array(w, alphabet, name="x")
+    with pytest.raises(ValueError, match="off the alphabet: no zero-centred uniform grid"):
+        export.quantize_array(w)
+    nudged = q.at[3, 2].add(0.01 * alphabet.step)
+    with pytest.raises(ValueError, match=r"1 of 80 entries, e.g. w\[3, 2\]"):
+        export.quantize_array(nudged, alphabet)
+
+
+def test_rejects_non_uniform_letters():
+    # ProxQuant's 2-bit alternating quantization: letters ±α1 ± α2, not equally spaced.
+    letters = alphabets.from_letters([-1.3, -0.7, 0.7, 1.3])
+    w = np.array([[-1.3, 0.7], [1.3, -0.7]], np.float32)
+    with pytest.raises(ValueError, match="'lstm' are not uniform and zero-centred"):
+        export.quantize_array(w, letters, name="lstm")
+    with pytest.raises(ValueError, match="not uniform and zero-centred"):
+        export.quantize_array(np.zeros(2, np.float32), alphabets.from_letters([0.0, 1.0, 2.0]))
+    uniform_letters = alphabets.from_letters([-3.0, -1.0, 1.0, 3.0])
+    packed = export.quantize_array(np.array([3.0, -1.0], np.float32), uniform_letters)
+    assert packed.num_letters == 4
+    np.testing.assert_array_equal(packed.dequantize(), [3.0, -1.0])
+
+
+def test_rejects_bad_arguments():
+    w = np.ones((4, 3), np.float32)
+    with pytest.raises(ValueError, match="must be a float array"):
+        export.quantize_array(np.ones((2, 2), np.int32))
+    with pytest.raises(ValueError, match=r"step of shape \(4,\)"):
+        export.quantize_array(w, alphabets.symmetric(1, jnp.ones(4)))
+    with pytest.raises(ValueError, match="channel_axis 2 is out of range"):
+        export.quantize_array(w, channel_axis=2)
+    with pytest.raises(ValueError, match="concrete weights"):
+        jax.jit(lambda x: export.quantize_array(x).packed)(w)
+
+
+# ------------------------------------------------------------------------- parameter trees
+
+
+class TinyConvNet(nn.Module):
+    """Conv → BatchNorm → ReLU → Dense: a kernel of each kind and BatchNorm statistics."""
+
+    @nn.compact
+    def __call__(self, x, *, train=False):
+        x = nn.Conv(4, (3, 3), padding="SAME")(x)
+        x = nn.relu(nn.BatchNorm(use_running_average=not train)(x))
+        return nn.Dense(10)(x.reshape((x.shape[0], -1)))
+
+
+class TinyLSTM(nn.Module):
+    """Embed → LSTM cell over time → Dense decoder."""
+
+    @nn.compact
+    def __call__(self, tokens):
+        x = nn.Embed(20, 8, name="embed")(tokens)
+        y = nn.RNN(nn.OptimizedLSTMCell(6, name="cell"))(x)
+        return nn.Dense(20, name="decoder")(y)
+
+
+class TinyMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x, *, train=False):
+        x = nn.relu(nn.Dense(16)(x.reshape((x.shape[0], -1))))
+        x = nn.BatchNorm(use_running_average=not train)(x)
+        return nn.Dense(10)(x)
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "per_channel"))
+def _msq_params(params, bits, *, per_channel=True):
+    """Every kernel and embedding rounded to its own b-bit alphabet (fake quantization)."""
+
+    def quantize(path, leaf):
+        name = jax.tree_util.keystr(path, simple=True, separator="/")
+        if name.rsplit("/", 1)[-1] not in ("kernel", "embedding"):
+            return leaf
+        return _quantize(leaf, bits, per_channel=per_channel)[0]
+
+    return jax.tree_util.tree_map_with_path(quantize, params)
+
+
+@functools.cache
+def _conv_variables(bits=2):
+    model = TinyConvNet()
+    images = jax.random.normal(jax.random.key(0), (5, 8, 8, 3))
+    variables = jax.jit(model.init)(jax.random.key(1), images)
+    # Non-trivial BatchNorm statistics.
+    _, updates = jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))(
+        variables, images
+    )
+    variables = {"params": _msq_params(variables["params"], bits), **updates}
+    return model, variables, images
+
+
+def test_export_params_packs_only_the_masked_leaves():
+    _, variables, _ = _conv_variables()
+    packed = export.export_params(variables)
+    assert export.is_quantized(packed["params"]["Conv_0"]["kernel"])
+    assert export.is_quantized(packed["params"]["Dense_0"]["kernel"])
+    for leaf in (packed["params"]["Conv_0"]["bias"], packed["batch_stats"]["BatchNorm_0"]["mean"]):
+        assert isinstance(leaf, jax.Array)
+    kernel = packed["params"]["Conv_0"]["kernel"]
+    # The pytree's leaves are the packed codes and the scales; shape and size are static.
+    assert jax.tree.leaves(kernel) == [kernel.packed, kernel.scale]
+    np.testing.assert_array_equal(
+        export.dequantize(packed)["params"]["Conv_0"]["kernel"],
+        variables["params"]["Conv_0"]["kernel"],
+    )
+
+
+def test_export_params_errors_name_the_layer():
+    _, variables, _ = _conv_variables()
+    params = variables["params"]
+    float_params = {
+        **params,
+        "Dense_0": {**params["Dense_0"], "kernel": params["Dense_0"]["kernel"] + 1e-3},
+    }
+    with pytest.raises(ValueError, match="'Dense_0/kernel' are off the alphabet"):
+        export.export_params(float_params)
+    nan_params = {
+        **params,
+        "Conv_0": {
+            **params["Conv_0"],
+            "kernel": params["Conv_0"]["kernel"].at[0, 0, 0, 0].set(jnp.nan),
+        },
+    }
+    with pytest.raises(ValueError, match="'Conv_0/kernel' contains NaN"):
+        export.export_params(nan_params)
+    with pytest.raises(ValueError, match=r"unknown or unmasked layers \['Conv_1/kernel'\]"):
+        export.export_params(params, alphabets={"Conv_1/kernel": alphabets.binary(1.0)})
+    with pytest.raises(ValueError, match="mask must have the structure of params"):
+        export.export_params(params, mask={"Conv_0": True})
+    # A float layer is left out through the mask, and then exports.
+    mask = jax.tree.map(lambda _: False, float_params)
+    mask["Conv_0"]["kernel"] = True
+    packed = export.export_params(float_params, mask=mask)
+    assert export.is_quantized(packed["Conv_0"]["kernel"])
+    assert not export.is_quantized(packed["Dense_0"]["kernel"])
+
+
+def test_export_params_uses_the_given_alphabets():
+    w = jax.random.normal(jax.random.key(6), (12, 4))
+    q, alphabet = _quantize(w, 3, per_channel=True)
+    packed = export.export_params({"dense": {"kernel": q}}, alphabets={"dense/kernel": alphabet})
+    kernel = packed["dense"]["kernel"]
+    assert kernel.num_letters == alphabet.size
+    np.testing.assert_array_equal(kernel.scale[0], alphabet.step)
+
+
+# --------------------------------------------------------------------------------- orbax
+
+
+def test_save_restore_is_bit_exact(tmp_path):
+    _, variables, _ = _conv_variables()
+    packed = export.export_params(variables)
+    export.save(str(tmp_path / "checkpoint"), packed)
+    restored = export.restore(str(tmp_path / "checkpoint"))
+    assert jax.tree.structure(restored) == jax.tree.structure(packed)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(packed), strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+
+
+# ------------------------------------------------------------------- quantized inference
+
+
+def _assert_same_logits(apply_fn, variables, *args, mask=None):
+    packed = export.export_params(variables, mask=mask)
+    float_logits = jax.jit(apply_fn)(variables, *args)
+    packed_apply = jax.jit(export.quantized_apply(apply_fn))
+    np.testing.assert_allclose(packed_apply(packed, *args), float_logits, rtol=1e-6, atol=1e-6)
+    return packed, packed_apply
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_conv_net_logits_equal_fake_quant(bits):
+    model, variables, images = _conv_variables(bits)
+    _assert_same_logits(model.apply, variables, images)
+
+
+def test_mlp_logits_equal_fake_quant():
+    model = TinyMLP()
+    x = jax.random.normal(jax.random.key(7), (9, 4, 4))
+    variables = jax.jit(model.init)(jax.random.key(8), x)
+    variables = {**variables, "params": _msq_params(variables["params"], 1, per_channel=False)}
+    _assert_same_logits(model.apply, variables, x)
+
+
+def test_lstm_logits_equal_fake_quant():
+    model = TinyLSTM()
+    tokens = jax.random.randint(jax.random.key(9), (3, 7), 0, 20)
+    variables = jax.jit(model.init)(jax.random.key(10), tokens)
+    variables = {"params": _msq_params(variables["params"], 2)}
+    packed, _ = _assert_same_logits(model.apply, variables, tokens)
+    gate_kernels = [
+        k for k in ("ii", "hf", "io") if export.is_quantized(packed["params"]["cell"][k]["kernel"])
+    ]
+    assert gate_kernels == ["ii", "hf", "io"]
+
+
+def test_packed_apply_holds_only_packed_weights_and_does_not_recompile():
+    model, variables, images = _conv_variables(2)
+    packed, packed_apply = _assert_same_logits(model.apply, variables, images)
+    compiled = packed_apply.lower(packed, images).compile()
+    # The arguments of the compiled function are the packed tree and the images, nothing else.
+    argument_bytes = compiled.memory_analysis().argument_size_in_bytes
+    assert argument_bytes == export.tree_nbytes(packed) + images.nbytes
+    assert export.tree_nbytes(packed) < export.tree_nbytes(variables) / 4
+    # Other weights with the same layout reuse the compiled function.
+    _, other_variables, _ = _conv_variables(2)
+    other_variables = jax.tree.map(lambda x: 2 * x, other_variables)
+    packed_apply(export.export_params(other_variables), images)
+    assert packed_apply._cache_size() == 1
+
+
+# The papers' models (small widths), each quantized as its experiment does.
+
+
+def _apply_packed_and_float(model, inputs, quantize, *, mask=None, **kwargs):
+    variables = jax.jit(functools.partial(model.init, **kwargs))(jax.random.key(12), *inputs)
+    variables = {**variables, "params": jax.jit(quantize)(variables["params"])}
+    apply = functools.partial(model.apply, **kwargs)
+    logits = lambda v, *a: jax.tree.leaves(apply(v, *a))[0]  # the LSTM also returns its state
+    return _assert_same_logits(logits, variables, *inputs, mask=mask)
+
+
+def test_mnist_mlp_and_cifar_cnn_after_msq():
+    images = jax.random.normal(jax.random.key(13), (4, 28, 28, 1))
+    _apply_packed_and_float(MLP(hidden=(32, 16)), (images,), lambda p: _msq_params(p, 2))
+    images = jax.random.normal(jax.random.key(14), (4, 32, 32, 3))
+    model = CNN(stages=(4, 8), dense=16)
+    _apply_packed_and_float(model, (images,), lambda p: _msq_params(p, 4), train=False)
+
+
+def test_resnet20_after_proxquant_hard_binary():
+    images = jax.random.normal(jax.random.key(15), (2, 32, 32, 3))
+    # ProxQuant keeps the first layer, the shortcuts and the classifier in float.
+    mask = transforms.mask_by_path(exclude=["shortcut", "conv_init/", "head/"])
+    quantize = lambda p: transforms.hard_quantize(p, "binary", mask=mask)
+    model = resnet.ResNet20()
+    packed, _ = _apply_packed_and_float(model, (images,), quantize, mask=mask, train=False)
+    block = packed["params"]["stage2_block1"]
+    assert export.is_quantized(block["conv1"]["kernel"]) and block["conv1"]["kernel"].bits == 1
+    assert not export.is_quantized(block["shortcut_conv"]["kernel"])
+
+
+def test_ptb_lstm_after_msq():
+    model = lstm.LSTMLanguageModel(vocab_size=50, embed_dim=12, hidden_dim=12)
+    tokens = jax.random.randint(jax.random.key(16), (3, 5), 0, 50)
+    inputs = (tokens, model.initial_carry(3))
+    _apply_packed_and_float(model, inputs, lambda p: _msq_params(p, 1), train=False)

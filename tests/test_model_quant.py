@@ -1,0 +1,221 @@
+"""Tests for qjax.model_quant: the sequential wiring equals hand calls of the layer quantizers."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import qjax
+from qjax import alphabets, models
+from qjax.model_quant import LayerSpec, format_report, quantize_model
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    model = models.MLP(hidden=(12, 8), num_classes=5)
+    x = jax.random.normal(jax.random.key(0), (96, 4, 4, 1))
+    variables = model.init(jax.random.key(1), x)
+    # Non-trivial BatchNorm statistics, so that BN matters in X and X~.
+    stats = variables["batch_stats"]
+    variables = {
+        "params": variables["params"],
+        "batch_stats": jax.tree.map(lambda s: s + 0.3 * jnp.arange(s.shape[0]) / s.shape[0], stats),
+    }
+    return model, variables, x
+
+
+def mlp_hidden(variables, x, layer):
+    """The input of Dense_<layer>, by a hand-written forward pass (BatchNorm eps 1e-5)."""
+    h = np.asarray(x, np.float64).reshape(x.shape[0], -1)
+    for i in range(layer):
+        dense = variables["params"][f"Dense_{i}"]
+        h = np.maximum(h @ np.asarray(dense["kernel"]) + np.asarray(dense["bias"]), 0)
+        bn, bn_stats = (
+            variables["params"][f"BatchNorm_{i}"],
+            variables["batch_stats"][f"BatchNorm_{i}"],
+        )
+        h = (h - bn_stats["mean"]) / np.sqrt(bn_stats["var"] + 1e-5) * bn["scale"] + bn["bias"]
+    return jnp.asarray(h, jnp.float32)
+
+
+def with_kernel(variables, name, kernel):
+    params = dict(variables["params"])
+    params[name] = {**params[name], "kernel": kernel}
+    return {**variables, "params": params}
+
+
+def test_mlp_gpfq_equals_hand_calls(mlp):
+    model, variables, x = mlp
+    spec = LayerSpec(method="gpfq", num_letters=3, c=2.0, rule="median")
+    quantized, reports = quantize_model(
+        model, variables, [x[:40], x[40:]], spec=spec, progress=False
+    )
+    partial = variables
+    for layer in range(3):
+        name = f"Dense_{layer}"
+        w = variables["params"][name]["kernel"]
+        x_float, x_tilde = mlp_hidden(variables, x, layer), mlp_hidden(partial, x, layer)
+        alphabet = alphabets.for_weights(w, c=2.0, num_letters=3, rule="median")
+        q = qjax.gpfq_layer(w, x_float, x_tilde, alphabet)
+        np.testing.assert_allclose(quantized["params"][name]["kernel"], q, atol=1e-6)
+        partial = with_kernel(partial, name, q)
+    assert [r.path for r in reports] == ["Dense_0", "Dense_1", "Dense_2"]
+    for name in ("Dense_0", "BatchNorm_1"):
+        for key in variables["params"][name]:
+            if key != "kernel":
+                np.testing.assert_array_equal(
+                    quantized["params"][name][key], variables["params"][name][key]
+                )
+    jax.tree.map(np.testing.assert_array_equal, quantized["batch_stats"], variables["batch_stats"])
+
+
+def test_mlp_msq_is_rounding_and_report(mlp):
+    model, variables, x = mlp
+    spec = LayerSpec(method="msq", bits=3, per_channel=True)
+    quantized, reports = quantize_model(model, variables, x, spec=spec, progress=False)
+    for layer in range(3):
+        w = variables["params"][f"Dense_{layer}"]["kernel"]
+        alphabet = alphabets.for_weights(w, c=1.0, bits=3, rule="max", per_channel=True)
+        np.testing.assert_array_equal(
+            quantized["params"][f"Dense_{layer}"]["kernel"], alphabet.project(w)
+        )
+    for r in reports:
+        assert r.method == "msq" and r.num_letters == 7
+        assert r.relative_error == pytest.approx(r.msq_relative_error)
+    assert "| Dense_1 | Dense | 12×8 | msq | 7 |" in format_report(reports)
+
+
+def test_skip_keeps_layer_float_and_pattern_order(mlp):
+    model, variables, x = mlp
+    quantized, reports = quantize_model(
+        model,
+        variables,
+        x,
+        spec=LayerSpec(bits=2),
+        layers={"Dense_2": LayerSpec(method="skip"), "Dense_*": LayerSpec(method="gptq", bits=2)},
+        progress=False,
+    )
+    np.testing.assert_array_equal(
+        quantized["params"]["Dense_2"]["kernel"], variables["params"]["Dense_2"]["kernel"]
+    )
+    assert [r.method for r in reports] == ["gptq", "gptq", "skip"]
+    assert reports[2].relative_error is None
+
+
+def test_calibration_streaming_equals_one_batch(mlp):
+    model, variables, x = mlp
+    one, _ = quantize_model(model, variables, x, progress=False)
+    many, _ = quantize_model(
+        model, variables, lambda: (x[i : i + 32] for i in range(0, 96, 32)), progress=False
+    )
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), one, many)
+
+
+class SmallCNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(4, (3, 3), padding="SAME")(x))
+        x = nn.BatchNorm(use_running_average=True)(x)
+        x = nn.relu(nn.Conv(6, (3, 3), strides=2, padding="VALID", feature_group_count=2)(x))
+        x = x.reshape((x.shape[0], -1))
+        return nn.Dense(3)(x)
+
+
+@pytest.mark.parametrize("method", ["gpfq", "gptq"])
+def test_cnn_equals_hand_calls(method):
+    model = SmallCNN()
+    x = jax.random.normal(jax.random.key(2), (10, 7, 7, 2))
+    variables = model.init(jax.random.key(3), x)
+    spec = LayerSpec(method=method, bits=2, per_channel=True)
+    quantized, reports = quantize_model(model, variables, x, spec=spec, progress=False)
+
+    def inputs(v):
+        _, state = model.apply(v, x, capture_intermediates=True, mutable=["intermediates"])
+        out = state["intermediates"]
+        return [
+            x,
+            out["BatchNorm_0"]["__call__"][0],
+            jax.nn.relu(out["Conv_1"]["__call__"][0]).reshape(10, -1),
+        ]
+
+    partial = variables
+    geometries = [
+        qjax.patches.ConvGeometry((3, 3), padding="SAME"),
+        qjax.patches.ConvGeometry((3, 3), strides=2, padding="VALID", feature_group_count=2),
+    ]
+    for index, name in enumerate(["Conv_0", "Conv_1", "Dense_0"]):
+        w = variables["params"][name]["kernel"]
+        alphabet = alphabets.for_weights(w, c=1.0, bits=2, rule="max", per_channel=True)
+        x_float, x_tilde = inputs(variables)[index], inputs(partial)[index]
+        if name.startswith("Conv"):
+            geometry = geometries[index]
+            if method == "gpfq":
+                q = qjax.gpfq_conv(w, x_float, x_tilde, alphabet, geometry=geometry)
+            else:
+                patches = qjax.patches.conv_patches(x_tilde, geometry)
+                groups = geometry.feature_group_count
+                step = alphabet.step.reshape(groups, -1)
+                q = qjax.patches.matrix_to_kernel(
+                    qjax.gptq.gptq_from_stats(
+                        qjax.patches.kernel_to_matrix(w, geometry),
+                        qjax.gram_stats(patches, patches),
+                        alphabets.UniformAlphabet(step, alphabet.size),
+                    ),
+                    geometry,
+                )
+        elif method == "gpfq":
+            q = qjax.gpfq_layer(w, x_float, x_tilde, alphabet)
+        else:
+            q = qjax.gptq.gptq_from_stats(w, qjax.gram_stats(x_tilde, x_tilde), alphabet)
+        np.testing.assert_allclose(quantized["params"][name]["kernel"], q, atol=1e-6)
+        partial = with_kernel(partial, name, q)
+    assert [r.kind for r in reports] == ["Conv", "Conv", "Dense"]
+    assert all(
+        r.relative_error <= r.msq_relative_error + 1e-6 for r in reports[1:] if method == "gpfq"
+    )
+
+
+class WithDenseGeneral(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.DenseGeneral(4, name="proj")(x)
+        return nn.Dense(2)(x)
+
+
+def test_unknown_layer_type_is_named_and_skippable():
+    model = WithDenseGeneral()
+    x = jnp.ones((3, 5))
+    variables = model.init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="layer proj is a DenseGeneral"):
+        quantize_model(model, variables, x, progress=False)
+    _, reports = quantize_model(
+        model, variables, x, layers={"proj": LayerSpec(method="skip")}, progress=False
+    )
+    assert [(r.path, r.method) for r in reports] == [("proj", "skip"), ("Dense_0", "gpfq")]
+
+
+def test_bad_arguments(mlp):
+    model, variables, x = mlp
+    with pytest.raises(ValueError, match="matches no layer"):
+        quantize_model(model, variables, x, layers={"Conv_*": LayerSpec()}, progress=False)
+    with pytest.raises(ValueError, match="do not fit the model"):
+        quantize_model(model, variables, jnp.ones((4, 15)), progress=False)
+    with pytest.raises(ValueError, match="floating point"):
+        quantize_model(model, variables, jnp.ones((4, 16), jnp.uint8), progress=False)
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        quantize_model(model, variables, iter([x]), progress=False)
+    with pytest.raises(ValueError, match="differs from the first batch"):
+        quantize_model(model, variables, [x, jnp.ones((4, 5, 5, 1))], progress=False)
+    with pytest.raises(ValueError, match="NaN"):
+        quantize_model(model, variables, x.at[0, 0, 0, 0].set(jnp.nan), progress=False)
+    with pytest.raises(ValueError, match="method"):
+        LayerSpec(method="round")
+
+
+def test_second_call_does_not_recompile(mlp):
+    model, variables, x = mlp
+    quantize_model(model, variables, x, spec=LayerSpec(bits=2), progress=False)
+    sizes = qjax.model_quant._input_rows._cache_size()
+    quantize_model(model, variables, x, spec=LayerSpec(bits=3, c=0.5), progress=False)
+    assert qjax.model_quant._input_rows._cache_size() == sizes
