@@ -75,7 +75,9 @@ def load_corpus(config: ml_collections.ConfigDict) -> Corpus:
     else:
         raise ValueError(f"config.dataset must be 'ptb' or 'synthetic', got {config.dataset!r}")
     train, valid, test = (np.asarray(s, np.int32) for s in splits)
-    return Corpus(train[: config.train_tokens or None], valid, test, vocab_size)
+    return Corpus(
+        train[: config.train_tokens or None], valid[: config.valid_tokens or None], test, vocab_size
+    )
 
 
 def batchify(tokens: np.ndarray, batch_size: int) -> np.ndarray:
@@ -215,9 +217,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         tied=config.tied,
     )
     train_streams = batchify(corpus.train, config.batch_size)
-    steps_per_epoch = (train_streams.shape[1] - 1) // config.bptt
+    quant_streams = batchify(corpus.train[: config.quant_train_tokens or None], config.batch_size)
+    steps_per_epoch = (quant_streams.shape[1] - 1) // config.bptt
     if steps_per_epoch == 0:
-        raise ValueError(f"train_tokens too few for batch {config.batch_size}, bptt {config.bptt}")
+        raise ValueError(f"too few tokens for batch {config.batch_size}, bptt {config.bptt}")
     valid_perplexity = make_evaluate(model, corpus.valid, config)
     test_perplexity = make_evaluate(model, corpus.test, config)
     params = model.init(
@@ -276,7 +279,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 make_train_step(model, tx, param_map),
                 config.quant_epochs,
                 model,
-                train_streams,
+                quant_streams,
                 config,
                 workdir,
                 valid_perplexity=lambda p, pm=param_map: valid_perplexity(pm(p)),
@@ -288,7 +291,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 "bits": bits,
                 "method": method,
                 "test_perplexity": test_perplexity(hard),
-                "valid_perplexity": valid_perplexity(hard),
                 "sign_change": float(
                     metrics.sign_change_fraction(state.params, warm_params, mask=pairs[0][1])
                 ),

@@ -17,6 +17,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.dataset = "ptb"
     config.data_dir = ""  # empty: $QJAX_DATA_DIR, ../shared/data
     config.train_tokens = 0  # 0: the whole training split
+    config.quant_train_tokens = 0  # quantized phases: the first tokens of it (0: all of it)
+    config.valid_tokens = 0  # validation (learning-rate plateaus): the first tokens (0: all)
     config.seed = 0
     config.embed_dim = 300
     config.hidden_dim = 300
