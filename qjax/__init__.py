@@ -9,10 +9,22 @@ Two published methods:
   `prox_quant` (last link of an `optax.chain`), the BinaryConnect baseline `straight_through`
   + `clip_params`, `hard_quantize` and `reestimate_batch_stats` for the end of training.
 
-Submodules: `alphabets`, `patches`, `prox`, `transforms`, `batchnorm`, `metrics`, `data`, `models`.
+Submodules: `alphabets`, `patches`, `prox`, `transforms`, `batchnorm`, `metrics`, `data`, `models`,
+`sharding` (GPFQ over a device mesh) and `export` (packed integer codes, checkpoints).
 """
 
-from qjax import alphabets, batchnorm, data, metrics, models, patches, prox, transforms
+from qjax import (
+    alphabets,
+    batchnorm,
+    data,
+    export,
+    metrics,
+    models,
+    patches,
+    prox,
+    sharding,
+    transforms,
+)
 from qjax.batchnorm import reestimate_batch_stats
 from qjax.gpfq import (
     GramStats,
@@ -49,6 +61,7 @@ __all__ = [
     "batchnorm",
     "clip_params",
     "data",
+    "export",
     "format_report",
     "gpfq_conv",
     "gpfq_from_stats",
@@ -70,12 +83,7 @@ __all__ = [
     "quantize_model",
     "reestimate_batch_stats",
     "relative_error",
+    "sharding",
     "straight_through",
     "transforms",
 ]
-
-# --- Deployable output (issue 8: packed integer codes, quantized inference, checkpoints) and
-# --- GPFQ at scale (issue 7: statistics data-parallel, neurons split over a device mesh) ---
-from qjax import export, sharding
-
-__all__ += ["export", "sharding"]
