@@ -274,3 +274,28 @@ def test_flip_and_crop_moves_whole_images():
         assert len(kept) >= 4 * 4
     outs = {data.flip_and_crop(images, jax.random.key(k)).tobytes() for k in range(6)}
     assert len(outs) > 1
+
+
+def test_flip_and_crop_without_padding_only_flips():
+    images = jnp.arange(2 * 32 * 32 * 3, dtype=jnp.uint8).reshape(2, 32, 32, 3)
+    out = jax.jit(data.flip_and_crop, static_argnames="padding")(
+        images, jax.random.key(0), padding=0
+    )
+    for original, augmented in zip(images, out, strict=True):
+        assert jnp.array_equal(augmented, original) or jnp.array_equal(augmented, original[:, ::-1])
+    with pytest.raises(ValueError, match="batch, H, W, C"):
+        data.flip_and_crop(images[0], jax.random.key(0))
+
+
+def test_normalize_per_channel_numpy_and_jax():
+    white = np.full((1, 2, 2, 3), 255, np.uint8)
+    expected = (1 - np.array(data.CIFAR10_MEAN)) / np.array(data.CIFAR10_STD)
+    out = data.normalize(white, data.CIFAR10_MEAN, data.CIFAR10_STD)
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32
+    np.testing.assert_allclose(out[0, 0, 0], expected, rtol=1e-6)
+    jitted = jax.jit(lambda x: data.normalize(x, data.CIFAR10_MEAN, data.CIFAR10_STD))
+    np.testing.assert_allclose(jitted(jnp.asarray(white))[0, 0, 0], expected, rtol=1e-6)
+    with pytest.raises(ValueError, match="uint8"):
+        data.normalize(white.astype(np.float32))
+    with pytest.raises(ValueError, match="channels"):
+        data.normalize(white, (0.5, 0.5), (0.2, 0.2))

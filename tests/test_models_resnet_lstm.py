@@ -37,23 +37,6 @@ def test_resnet20_structure_and_output():
         resnet.CIFARResNet(depth=21).init(jax.random.key(0), x, train=False)
 
 
-def test_augment_and_normalize():
-    images = jnp.arange(2 * 32 * 32 * 3, dtype=jnp.uint8).reshape(2, 32, 32, 3)
-    out = resnet.augment(jax.random.key(0), images)
-    assert out.shape == images.shape and out.dtype == images.dtype
-    assert not jnp.array_equal(out, images)
-    # Without padding the crop is the whole image: each image comes back as is or mirrored.
-    no_pad = resnet.augment(jax.random.key(0), images, padding=0)
-    for original, augmented in zip(images, no_pad, strict=True):
-        assert jnp.array_equal(augmented, original) or jnp.array_equal(augmented, original[:, ::-1])
-    normalized = resnet.normalize(jnp.full((1, 2, 2, 3), 255, jnp.uint8))
-    np.testing.assert_allclose(
-        normalized[0, 0, 0], (1 - np.array(resnet.CIFAR10_MEAN)) / resnet.CIFAR10_STD, rtol=1e-5
-    )
-    with pytest.raises(ValueError, match="channels"):
-        resnet.normalize(jnp.zeros((2, 2, 1)))
-
-
 @pytest.mark.parametrize("tied", [False, True])
 def test_lstm_shapes_carry_and_tying(tied):
     model = lstm.LSTMLanguageModel(vocab_size=50, embed_dim=8, hidden_dim=8, tied=tied)

@@ -126,6 +126,7 @@ def train(model: nn.Module, splits: Splits, config: ml_collections.ConfigDict, *
         batch_stats=variables["batch_stats"],
         tx=optax.adamw(schedule, weight_decay=config.weight_decay),
     )
+    augment = jax.jit(data.flip_and_crop)
     for epoch in tqdm(range(config.epochs), desc=f"training {type(model).__name__}"):
         key, shuffle_key = jax.random.split(key)
         losses = []
@@ -135,7 +136,7 @@ def train(model: nn.Module, splits: Splits, config: ml_collections.ConfigDict, *
             key, step_key, augment_key = jax.random.split(key, 3)
             images = preprocess(images, config.dataset)
             if config.augment:
-                images = data.flip_and_crop(images, augment_key)
+                images = augment(images, augment_key)
             state, loss = train_step(state, images, jnp.asarray(labels), step_key)
             losses.append(loss)
         logging.info(

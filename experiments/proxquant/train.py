@@ -31,7 +31,7 @@ from absl import logging
 from tqdm import tqdm
 
 from experiments.proxquant.checkpointing import PhaseCheckpoints, write_json
-from qjax import batchnorm, metrics, prox, transforms
+from qjax import batchnorm, data, metrics, prox, transforms
 from qjax.models import resnet
 
 METHODS = ("binaryconnect", "proxquant_binary", "proxquant_ternary")
@@ -48,6 +48,11 @@ class Dataset(NamedTuple):
     train_labels: np.ndarray  # (n,) int32
     test_images: np.ndarray
     test_labels: np.ndarray
+
+
+def normalize(images):
+    """uint8 CIFAR-10 images → float32, standardized per channel with the training split's stats."""
+    return data.normalize(images, data.CIFAR10_MEAN, data.CIFAR10_STD)
 
 
 def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
@@ -136,7 +141,7 @@ def make_train_step(model, tx, param_map=lambda params: params):
 
     @jax.jit
     def train_step(state: TrainState, images, labels, key):
-        images = resnet.normalize(resnet.augment(key, images))
+        images = normalize(data.flip_and_crop(images, key))
 
         def loss_fn(params):
             variables = {"params": param_map(params), "batch_stats": state.batch_stats}
@@ -155,9 +160,7 @@ def make_train_step(model, tx, param_map=lambda params: params):
 def make_evaluate(model, images: np.ndarray, labels: np.ndarray, batch_size: int):
     """state ↦ test accuracy in eval mode (BatchNorm running statistics), jitted once."""
     logits_fn = jax.jit(
-        lambda p, s, x: model.apply(
-            {"params": p, "batch_stats": s}, resnet.normalize(x), train=False
-        )
+        lambda p, s, x: model.apply({"params": p, "batch_stats": s}, normalize(x), train=False)
     )
 
     def evaluate(state: TrainState) -> float:
@@ -288,7 +291,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             for i in range(min(config.bn_reestimation_batches, steps_per_epoch))
         )
         reestimated = batchnorm.reestimate_batch_stats(
-            lambda v, x, **kw: model.apply(v, resnet.normalize(x), train=True, **kw),
+            lambda v, x, **kw: model.apply(v, normalize(x), train=True, **kw),
             {"params": hard, "batch_stats": state.batch_stats},
             bn_batches,
         )

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from qjax.data.images import ImageDataset
 
@@ -16,9 +17,11 @@ CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
 def normalize(
-    images: np.ndarray, mean: tuple[float, ...] = (0.0,), std: tuple[float, ...] = (1.0,)
-) -> np.ndarray:
+    images: ArrayLike, mean: tuple[float, ...] = (0.0,), std: tuple[float, ...] = (1.0,)
+) -> ArrayLike:
     """uint8 images → float32 (x / 255 − mean) / std, per channel.
+
+    Works on NumPy arrays (returns NumPy) and on JAX arrays, also under `jit` (returns JAX).
 
     Args:
       images: (..., H, W, C) uint8.
@@ -29,6 +32,11 @@ def normalize(
     """
     if images.dtype != np.uint8:
         raise ValueError(f"images must be uint8, got {images.dtype}")
+    if len(mean) not in (1, images.shape[-1]) or len(std) not in (1, images.shape[-1]):
+        raise ValueError(
+            f"mean and std must have 1 or {images.shape[-1]} (channels) entries, "
+            f"got {len(mean)} and {len(std)}"
+        )
     scaled = images.astype(np.float32) / 255.0
     return (scaled - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
@@ -96,27 +104,32 @@ def bptt_windows(streams: np.ndarray, seq_len: int) -> Iterator[tuple[np.ndarray
         yield streams[:, start:stop], streams[:, start + 1 : stop + 1]
 
 
-@jax.jit
-def flip_and_crop(images: jax.Array, key: jax.Array) -> jax.Array:
-    """The standard CIFAR augmentation: random horizontal flip, then a random 4-pixel-pad crop.
+def flip_and_crop(images: ArrayLike, key: jax.Array, *, padding: int = 4) -> jax.Array:
+    """The standard CIFAR augmentation: random horizontal flip, then a random crop after padding.
+
+    Jittable (`padding` is a Python int); each image gets its own flip and crop offsets.
 
     Args:
-      images: (batch, H, W, C) images (any dtype).
+      images: (batch, H, W, C) images (any dtype; padding is zeros, so apply before normalizing).
       key: PRNG key.
+      padding: pixels of zero padding on each side before cropping back to H × W.
 
     Returns:
       Augmented images, same shape and dtype.
     """
+    images = jnp.asarray(images)
+    if images.ndim != 4:
+        raise ValueError(f"images must have shape (batch, H, W, C), got {images.shape}")
+    if padding < 0:
+        raise ValueError(f"padding must be non-negative, got {padding}")
     flip_key, crop_key = jax.random.split(key)
-    batch, height, width, _ = images.shape
+    batch, height, width, channels = images.shape
     flip = jax.random.bernoulli(flip_key, 0.5, (batch, 1, 1, 1))
     images = jnp.where(flip, images[:, :, ::-1], images)
-    padded = jnp.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)))
-    offsets = jax.random.randint(crop_key, (batch, 2), 0, 9)
+    padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    offsets = jax.random.randint(crop_key, (batch, 2), 0, 2 * padding + 1)
 
     def crop(image, offset):
-        return jax.lax.dynamic_slice(
-            image, (offset[0], offset[1], 0), (height, width, image.shape[-1])
-        )
+        return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (height, width, channels))
 
     return jax.vmap(crop)(padded, offsets)

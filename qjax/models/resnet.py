@@ -1,4 +1,4 @@
-"""CIFAR ResNets (He et al. 2016, §4.2): ResNet-20/32/44/56, and the CIFAR-10 input pipeline.
+"""CIFAR ResNets (He et al. 2016, §4.2): ResNet-20/32/44/56.
 
 A 3×3 convolution with 16 channels, three stages of n residual blocks each (16, 32, 64
 channels; the second and third stage start with stride 2), global average pooling and a dense
@@ -14,22 +14,15 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.typing import ArrayLike
 
 __all__ = [
-    "CIFAR10_MEAN",
-    "CIFAR10_STD",
     "CIFARResNet",
     "ResNet20",
     "ResNet32",
     "ResNet44",
     "ResNet56",
-    "augment",
-    "normalize",
 ]
 
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 STAGE_FEATURES = (16, 32, 64)
 
 
@@ -89,39 +82,3 @@ ResNet20 = functools.partial(CIFARResNet, depth=20)
 ResNet32 = functools.partial(CIFARResNet, depth=32)
 ResNet44 = functools.partial(CIFARResNet, depth=44)
 ResNet56 = functools.partial(CIFARResNet, depth=56)
-
-
-def normalize(images: ArrayLike) -> jax.Array:
-    """uint8 images (..., 32, 32, 3) → float32, per-channel standardized with CIFAR-10's stats."""
-    images = jnp.asarray(images)
-    if images.shape[-1] != 3:
-        raise ValueError(f"images must have 3 channels last, got shape {images.shape}")
-    scaled = images.astype(jnp.float32) / 255.0
-    return (scaled - jnp.asarray(CIFAR10_MEAN)) / jnp.asarray(CIFAR10_STD)
-
-
-def augment(key: jax.Array, images: ArrayLike, *, padding: int = 4) -> jax.Array:
-    """Standard CIFAR augmentation: random crop after zero-padding by 4, random horizontal flip.
-
-    Args:
-      key: a PRNG key.
-      images: a batch (batch, H, W, C), any dtype (zero padding is applied before normalizing).
-      padding: pixels of padding on each side before cropping back to H × W.
-
-    Returns:
-      The augmented batch, same shape and dtype.
-    """
-    images = jnp.asarray(images)
-    if images.ndim != 4:
-        raise ValueError(f"images must have shape (batch, H, W, C), got {images.shape}")
-    batch, height, width, _ = images.shape
-    crop_key, flip_key = jax.random.split(key)
-    padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    offsets = jax.random.randint(crop_key, (batch, 2), 0, 2 * padding + 1)
-
-    def crop(image, offset):
-        return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (height, width, 3))
-
-    cropped = jax.vmap(crop)(padded, offsets)
-    flip = jax.random.bernoulli(flip_key, 0.5, (batch, 1, 1, 1))
-    return jnp.where(flip, cropped[:, :, ::-1], cropped)
