@@ -57,6 +57,10 @@ __all__ = [
 
 DEFAULT_BLOCK_SIZE = 64
 DEFAULT_DEAD_TOL = 1e-12
+# gpfq_conv, "gram": patch rows per accumulation step when batch_size is not given. Each step
+# extracts the patches of a few images and folds them into G and H in one compiled program, so the
+# patch matrices (kernel-size times larger than the images) stay small and in cache.
+DEFAULT_CONV_CHUNK_ROWS = 4096
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -473,7 +477,8 @@ def gpfq_conv(
       patch_fraction: if given, GPFQ uses this random fraction of the patches (the paper
         subsamples patches to bound the cost); needs `key`.
       key: PRNG key for the patch subsample.
-      batch_size: with "gram", images per accumulation step (default: all at once).
+      batch_size: images per accumulation step (default: as many as give about
+        `DEFAULT_CONV_CHUNK_ROWS` patch rows with "gram", all at once with "residual").
       block_size: with "gram", inputs per lazy-batch block.
       dead_tol: relative threshold on ||X~_t||² below which input t is dead.
 
@@ -511,23 +516,20 @@ def gpfq_conv(
             raise ValueError("patch_fraction needs a PRNG key")
     group_alphabet = _split_channels(alphabet, geometry.feature_group_count)
 
-    step = x.shape[0] if batch_size is None else batch_size
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if batch_size is not None:
+        step = batch_size
+    elif method == "gram":
+        one_image = jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype)
+        positions = jax.eval_shape(conv_patches, one_image, geometry).shape[1]  # rows per image
+        step = max(1, DEFAULT_CONV_CHUNK_ROWS // positions)
+    else:
+        step = x.shape[0]
     starts = range(0, x.shape[0], step)
     keys = (
         jax.random.split(key, len(starts)) if patch_fraction is not None else [None] * len(starts)
     )
-
-    def patch_batches():
-        for start, batch_key in zip(starts, keys, strict=True):
-            patches = conv_patches(x[start : start + step], geometry)
-            patches_tilde = conv_patches(x_tilde[start : start + step], geometry)
-            if batch_key is not None:
-                m = patches.shape[1]
-                keep = jax.random.choice(
-                    batch_key, m, (max(1, round(patch_fraction * m)),), replace=False
-                )
-                patches, patches_tilde = patches[:, keep], patches_tilde[:, keep]
-            yield patches, patches_tilde
 
     if method == "gram":
         stats = gram_stats_init(
@@ -535,14 +537,34 @@ def gpfq_conv(
             batch_shape=(geometry.feature_group_count,),
             dtype=jnp.result_type(x.dtype, jnp.float32),
         )
-        for patches, patches_tilde in patch_batches():
-            stats = gram_stats_update(stats, patches, patches_tilde)
+        for start, batch_key in zip(starts, keys, strict=True):
+            stats = _conv_stats_update(
+                stats,
+                x[start : start + step],
+                x_tilde[start : start + step],
+                batch_key,
+                geometry=geometry,
+                patch_fraction=patch_fraction,
+            )
         q = gpfq_from_stats(
             matrices, stats, group_alphabet, block_size=block_size, dead_tol=dead_tol
         )
     elif method == "residual":
         patches, patches_tilde = (
-            jnp.concatenate(p, axis=1) for p in zip(*patch_batches(), strict=True)
+            jnp.concatenate(p, axis=1)
+            for p in zip(
+                *(
+                    _sampled_patches(
+                        x[start : start + step],
+                        x_tilde[start : start + step],
+                        batch_key,
+                        geometry=geometry,
+                        patch_fraction=patch_fraction,
+                    )
+                    for start, batch_key in zip(starts, keys, strict=True)
+                ),
+                strict=True,
+            )
         )
         _check_alphabet(alphabet)
         quantize = jax.vmap(
@@ -553,6 +575,41 @@ def gpfq_conv(
     else:
         raise ValueError(f"unknown method {method!r}; expected 'gram' or 'residual'")
     return matrix_to_kernel(q, geometry)
+
+
+def _sampled_patches(
+    images: jax.Array,
+    images_tilde: jax.Array,
+    key: jax.Array | None,
+    *,
+    geometry: ConvGeometry,
+    patch_fraction: float | None,
+) -> tuple[jax.Array, jax.Array]:
+    """The patches of both image batches, the same random `patch_fraction` of rows of each."""
+    patches = conv_patches(images, geometry)
+    patches_tilde = conv_patches(images_tilde, geometry)
+    if patch_fraction is not None:
+        m = patches.shape[1]
+        keep = jax.random.choice(key, m, (max(1, round(patch_fraction * m)),), replace=False)
+        patches, patches_tilde = patches[:, keep], patches_tilde[:, keep]
+    return patches, patches_tilde
+
+
+@functools.partial(jax.jit, static_argnames=("geometry", "patch_fraction"), donate_argnames="stats")
+def _conv_stats_update(
+    stats: GramStats,
+    images: jax.Array,
+    images_tilde: jax.Array,
+    key: jax.Array | None,
+    *,
+    geometry: ConvGeometry,
+    patch_fraction: float | None,
+) -> GramStats:
+    """Patch extraction and the Gram update of one image chunk, as one compiled program."""
+    patches, patches_tilde = _sampled_patches(
+        images, images_tilde, key, geometry=geometry, patch_fraction=patch_fraction
+    )
+    return _gram_stats_update(stats, patches, patches_tilde)
 
 
 def _split_channels(alphabet: AnyAlphabet, groups: int) -> AnyAlphabet:

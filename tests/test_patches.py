@@ -83,6 +83,22 @@ def test_gpfq_conv_equals_reference_on_patches(settings):
         np.testing.assert_array_equal(kernel_to_matrix(q, geometry), expected)
 
 
+def test_gpfq_conv_default_chunks_give_the_one_batch_codes(monkeypatch):
+    # By default "gram" folds a few images at a time into G and H (about
+    # DEFAULT_CONV_CHUNK_ROWS patch rows each); make that 2 images of 8x8 here: chunks 2, 2, 1.
+    monkeypatch.setattr(qjax.gpfq, "DEFAULT_CONV_CHUNK_ROWS", 128)
+    with jax.enable_x64(True):
+        images = jax.random.normal(jax.random.key(7), (5, 8, 8, 3), jnp.float64)
+        images_tilde = images + 0.1 * jax.random.normal(jax.random.key(8), images.shape)
+        kernel = jax.random.normal(jax.random.key(9), (3, 3, 3, 4), jnp.float64) * 0.2
+        alphabet = alphabets.for_weights(kernel, c=2.0, bits=3)
+        chunked = qjax.gpfq_conv(kernel, images, images_tilde, alphabet)
+        whole = qjax.gpfq_conv(kernel, images, images_tilde, alphabet, batch_size=5)
+        np.testing.assert_array_equal(chunked, whole)
+        with pytest.raises(ValueError, match="batch_size must be positive"):
+            qjax.gpfq_conv(kernel, images, images_tilde, alphabet, batch_size=0)
+
+
 def test_patch_subsampling_uses_a_fraction_of_the_patches():
     images = jax.random.normal(jax.random.key(5), (4, 8, 8, 3))
     kernel = jax.random.normal(jax.random.key(6), (3, 3, 3, 4)) * 0.2
