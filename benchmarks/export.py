@@ -21,7 +21,6 @@ import dataclasses
 import functools
 import os
 import tempfile
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import app, flags
 
+from benchmarks import timing
 from qjax import alphabets, export, prox, transforms
 from qjax.models import cnn, lstm, mlp, resnet
 
@@ -89,13 +89,7 @@ def fake_quantize(params, mask_tree, bits: int | None):
 
 
 def median_time(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return float(np.median(timing.wall_times(lambda: fn(*args), repeats=repeats)))
 
 
 def directory_bytes(path: str) -> int:

@@ -21,23 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 
 import qjax
+from benchmarks.timing import best_time
 from qjax import alphabets
 from qjax.gpfq import _gpfq_residual, _gram_stats_update_jit
 from qjax.patches import ConvGeometry, conv_patches, kernel_to_matrix
 from qjax.reference import gpfq_reference
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def best_time(fn, *, repeats: int = 3) -> float:
-    """Minimum wall time of fn() over `repeats` calls, after one warm-up (compilation) call."""
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 @jax.jit

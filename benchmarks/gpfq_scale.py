@@ -22,27 +22,16 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import qjax
+from benchmarks.timing import best_time
 from qjax import alphabets, sharding
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def best_time(fn, *, repeats: int) -> float:
-    """Minimum wall time of fn() over `repeats` calls, after one warm-up (compilation) call."""
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 @jax.jit

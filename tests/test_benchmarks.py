@@ -1,0 +1,49 @@
+"""The benchmark scripts run end to end at their smallest sizes and print their tables.
+
+They measure nothing here (the sizes are too small for the ratios to mean anything); this only
+keeps them from breaking. Run them in full as their docstrings say.
+"""
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_benchmark(*args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_gpfq_layer_benchmark_prints_its_ratios():
+    out = run_benchmark("benchmarks.gpfq_layer", "--small", "--repeats=1")
+    assert "| gpfq / floor |" in out
+    assert "| dense m=2000 N0=196 N1=100 |" in out
+    assert "speed-up ×" in out
+
+
+def test_export_benchmark_prints_its_table():
+    out = run_benchmark(
+        "benchmarks.export", "--models=mlp", "--bits=2", "--batch_size=8", "--repeats=1"
+    )
+    assert "| mlp | 2-bit per channel |" in out
+
+
+@pytest.mark.slow
+def test_gpfq_scale_benchmark_prints_its_tables():
+    out = run_benchmark("benchmarks.gpfq_scale", "--small", "--skip-large", "--repeats=1")
+    assert "cost curve" in out
+    assert "| 8 |" in out  # the 8-simulated-device row
+
+
+@pytest.mark.slow
+def test_proxquant_step_benchmark_prints_its_ratios():
+    out = run_benchmark("benchmarks.proxquant_step", "--batch_size=8", "--repeats=1")
+    assert "adam + prox_quant binary" in out
+    assert "ratio" in out
