@@ -15,14 +15,15 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
     config.dataset = "cifar10"
     config.data_source = "dir"
     config.model = "cnn"
-    # CPU budget (2 shared cores, ~25 min of training): 2 epochs over 20,000 training images.
-    config.max_train_examples = 20000
-    config.epochs = 2
+    # CPU budget (2 cores, ~40 min of training): 6 epochs over all 50,000 training images, where
+    # the paper trains to convergence (float 89.22 %).
+    config.max_train_examples = 0
+    config.epochs = 6
     config.weight_decay = 5e-4
     config.augment = False  # too few epochs for augmentation to pay off
-    config.calibration_size = 128
+    config.calibration_size = 512
     config.calibration_batch_size = 128
-    config.c_values = (3.0,)  # one C: the sweep costs ~1 min per quantized model here
+    config.c_values = (2.0, 3.0, 4.0, 5.0)  # the paper's best C per bit width lie in 2..5
     config.width_scales = ()
     if variant == "tiny":
         mnist.tiny(config)
