@@ -14,10 +14,12 @@ where Q rounds to the nearest letter of the alphabet A. Two equivalent forms are
       <X~_t, u_{t-1} + w_t X_t> = Σ_{s≤t} H_ts w_s - Σ_{s<t} G_ts q_s,  G = X~ᵀX~, H = X~ᵀX,
 
   so the greedy choices only need the N0×N0 statistics G and H, which are accumulated over
-  calibration batches (`gram_stats_update`); memory does not grow with m. The sum over s < t is
-  applied in blocks, as GPTQ's "lazy batch" updates: inside a block of B inputs a scan updates B
-  numbers per step, and the earlier blocks enter through one (B × N0)·(N0) product per block, so
-  the work is matrix products and the scan never re-reads the whole weight matrix.
+  calibration batches (`gram_stats_update`); memory does not grow with m. The sums over earlier
+  inputs are applied in blocks, as GPTQ's "lazy batch" updates: the inputs are split in halves,
+  and once the first half is quantized its whole effect on the second half, H₂₁W₁ − G₂₁Q₁, is two
+  matrix products; runs of a few blocks of B inputs are left to a scan that updates B numbers per
+  step. Summed over the levels, the products cover the lower triangles of H and G once — the work
+  of one (N0 × N0)·(N0 × N1) product — and the scan never re-reads the whole weight matrix.
 
 Both are scans over inputs, vmapped across neurons; `gpfq_layer` and `gpfq_from_stats` are
 jit-compiled.
@@ -57,6 +59,9 @@ __all__ = [
 
 DEFAULT_BLOCK_SIZE = 64
 DEFAULT_DEAD_TOL = 1e-12
+# Inputs are split in halves (the cross terms become matrix products) down to runs of at most
+# LEAF_BLOCKS blocks, which the blocked scan handles.
+LEAF_BLOCKS = 4
 # gpfq_conv, "gram": patch rows per accumulation step when batch_size is not given. Each step
 # extracts the patches of a few images and folds them into G and H in one compiled program, so the
 # patch matrices (kernel-size times larger than the images) stay small and in cache.
@@ -279,6 +284,108 @@ def _dead_inputs(diag: jax.Array, dead_tol: float) -> jax.Array:
     return diag <= dead_tol * jnp.max(diag)
 
 
+def _greedy_segment(
+    w: jax.Array,
+    rhs: jax.Array,
+    gram: jax.Array,
+    cross: jax.Array | None,
+    dead: jax.Array,
+    alphabet: AnyAlphabet,
+    *,
+    block_size: int,
+    leaf_size: int,
+) -> jax.Array:
+    """The greedy choices for a run of consecutive inputs S, split in halves down to leaves.
+
+    For t in S the rounding argument, times G_tt, is
+    rhs_t + Σ_{s∈S, s≤t} H_ts w_s − Σ_{s∈S, s<t} G_ts q_s, where `rhs` already holds the
+    contributions of the inputs before S. After the first half S1 is quantized, its contribution
+    to the second half, H[S2, S1]·W[S1] − G[S2, S1]·Q[S1], is two matrix products; summed over the
+    levels these products cover the lower triangles of H and G once, i.e. the work of one
+    (N0 × N0)·(N0 × N1) product. A leaf (≤ leaf_size inputs) runs the blocked scan.
+
+    Args:
+      w: weights W[S], shape (n, N1), n a multiple of block_size, in G's dtype.
+      rhs: shape (n, N1).
+      gram: G[S, S].
+      cross: H[S, S], or None if `rhs` already holds all of Σ_{s≤t} H_ts w_s.
+      dead: (n,) bool.
+      alphabet: per-neuron alphabet (leading axis N1).
+      block_size: B.
+      leaf_size: runs of at most this many inputs go to the scan.
+
+    Returns:
+      Q[S], shape (n, N1).
+    """
+    n = w.shape[0]
+    if n <= leaf_size:
+        if cross is not None:
+            rhs = rhs + jnp.matmul(jnp.tril(cross), w, precision=_HIGHEST)
+        quantize = jax.vmap(
+            functools.partial(_neuron_gram, block_size=block_size),
+            in_axes=(1, 1, None, None, 0),
+            out_axes=1,
+        )
+        return quantize(w, rhs, gram, dead, alphabet)
+    half = math.ceil(n / 2 / block_size) * block_size
+    first, second = slice(None, half), slice(half, None)
+    recurse = functools.partial(_greedy_segment, block_size=block_size, leaf_size=leaf_size)
+
+    def part(matrix, rows, cols):
+        return None if matrix is None else matrix[rows, cols]
+
+    q_first = recurse(
+        w[first], rhs[first], gram[first, first], part(cross, first, first), dead[first], alphabet
+    )
+    update = -jnp.matmul(gram[second, first], q_first, precision=_HIGHEST)
+    if cross is not None:
+        update = update + jnp.matmul(cross[second, first], w[first], precision=_HIGHEST)
+    q_second = recurse(
+        w[second],
+        rhs[second] + update,
+        gram[second, second],
+        part(cross, second, second),
+        dead[second],
+        alphabet,
+    )
+    return jnp.concatenate([q_first, q_second])
+
+
+def _greedy(
+    w: jax.Array,
+    rhs: jax.Array,
+    gram: jax.Array,
+    cross: jax.Array | None,
+    alphabet: AnyAlphabet,
+    *,
+    block_size: int,
+    dead_tol: float,
+) -> jax.Array:
+    """Pads N0 to a multiple of the block size and runs `_greedy_segment` on all inputs."""
+    n0, n1 = w.shape
+    block = min(block_size, n0)
+    padded = math.ceil(n0 / block) * block
+    pad = padded - n0
+    dead = _dead_inputs(jnp.diagonal(gram), dead_tol)
+    # Padded inputs are dead and uncorrelated with every other input, so they change nothing.
+    gram = jnp.pad(gram, ((0, pad), (0, pad)))
+    cross = None if cross is None else jnp.pad(cross, ((0, pad), (0, pad)))
+    rhs = jnp.pad(rhs, ((0, pad), (0, 0)))
+    dead = jnp.pad(dead, (0, pad), constant_values=True)
+    w_padded = jnp.pad(w.astype(gram.dtype), ((0, pad), (0, 0)))
+    q = _greedy_segment(
+        w_padded,
+        rhs,
+        gram,
+        cross,
+        dead,
+        _per_neuron(alphabet, n1),
+        block_size=block,
+        leaf_size=LEAF_BLOCKS * block,
+    )
+    return q[:n0].astype(w.dtype)
+
+
 def gpfq_from_targets(
     w: jax.Array,
     target: jax.Array,
@@ -305,23 +412,7 @@ def gpfq_from_targets(
     Returns:
       q, shape (N0, N1), dtype of w.
     """
-    n0, n1 = w.shape
-    block = min(block_size, n0)
-    padded = math.ceil(n0 / block) * block
-    pad = padded - n0
-    dead = _dead_inputs(jnp.diagonal(gram), dead_tol)
-    # Padded inputs are dead and uncorrelated with every other input, so they change nothing.
-    gram = jnp.pad(gram, ((0, pad), (0, pad)))
-    target = jnp.pad(target, ((0, pad), (0, 0)))
-    dead = jnp.pad(dead, (0, pad), constant_values=True)
-    quantize = jax.vmap(
-        functools.partial(_neuron_gram, block_size=block),
-        in_axes=(1, 1, None, None, 0),
-        out_axes=1,
-    )
-    w_padded = jnp.pad(w.astype(gram.dtype), ((0, pad), (0, 0)))
-    q = quantize(w_padded, target, gram, dead, _per_neuron(alphabet, n1))
-    return q[:n0].astype(w.dtype)
+    return _greedy(w, target, gram, None, alphabet, block_size=block_size, dead_tol=dead_tol)
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "dead_tol"))
@@ -334,9 +425,9 @@ def _gpfq_gram(
     block_size: int,
     dead_tol: float,
 ) -> jax.Array:
-    # Σ_{s≤t} H_ts w_s for every neuron at once: one (N0 × N0)·(N0 × N1) product.
-    target = jnp.matmul(jnp.tril(cross), w.astype(gram.dtype), precision=_HIGHEST)
-    return gpfq_from_targets(w, target, gram, alphabet, block_size=block_size, dead_tol=dead_tol)
+    # The targets Σ_{s≤t} H_ts w_s are built on the way, from the lower triangle of H only.
+    rhs = jnp.zeros((w.shape[0], w.shape[1]), gram.dtype)
+    return _greedy(w, rhs, gram, cross, alphabet, block_size=block_size, dead_tol=dead_tol)
 
 
 @functools.partial(jax.jit, static_argnames=("dead_tol",))
