@@ -174,9 +174,15 @@ def test_second_calls_do_not_recompile():
         (lambda w, s, x: sharding.gpfq_from_stats(w[:5], s, alphabets.binary(1.0)), "N0, N0"),
         (lambda w, s, x: sharding.gpfq_from_stats(w * np.inf, s, alphabets.binary(1.0)), "Inf"),
         (lambda w, s, x: sharding.gpfq_from_stats(w, s, "ternary"), "alphabet must be"),
-        (lambda w, s, x: sharding.gpfq_from_stats(w, s, alphabets.binary(1.0), block_size=0), "block_size"),
+        (
+            lambda w, s, x: sharding.gpfq_from_stats(w, s, alphabets.binary(1.0), block_size=0),
+            "block_size",
+        ),
         (lambda w, s, x: sharding.gpfq_layer(w, x[:0], x[:0], alphabets.binary(1.0)), "no rows"),
-        (lambda w, s, x: sharding.gpfq_layer(w, x, x, alphabets.binary(1.0), batch_size=0), "batch_size"),
+        (
+            lambda w, s, x: sharding.gpfq_layer(w, x, x, alphabets.binary(1.0), batch_size=0),
+            "batch_size",
+        ),
         (lambda w, s, x: sharding.gram_stats_init(0), "n0"),
         (lambda w, s, x: sharding.make_mesh([]), "devices is empty"),
         (lambda w, s, x: sharding.gram_stats_init(3, mesh="cpu"), "mesh must be"),
