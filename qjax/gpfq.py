@@ -104,8 +104,7 @@ def gram_stats_init(
     Returns:
       `GramStats` of zeros.
     """
-    if not isinstance(n0, int | np.integer) or n0 < 1:
-        raise ValueError(f"n0 must be a positive integer, got {n0!r}")
+    _check_positive_int("n0", n0)
     shape = (*batch_shape, n0, n0)
     return GramStats(
         gram=jnp.zeros(shape, dtype),
@@ -183,9 +182,9 @@ def gram_stats(
         x.shape[-1], batch_shape=x.shape[:-2], track_error=track_error, dtype=dtype
     )
     m = x.shape[-2]
+    if batch_size is not None:
+        _check_positive_int("batch_size", batch_size)
     step = m if batch_size is None else batch_size
-    if step < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
     for start in range(0, m, step):
         rows = slice(start, start + step)
         stats = gram_stats_update(stats, x[..., rows, :], x_tilde[..., rows, :])
@@ -426,7 +425,7 @@ def _gpfq_gram(
     dead_tol: float,
 ) -> jax.Array:
     # The targets Σ_{s≤t} H_ts w_s are built on the way, from the lower triangle of H only.
-    rhs = jnp.zeros((w.shape[0], w.shape[1]), gram.dtype)
+    rhs = jnp.zeros(w.shape, gram.dtype)
     return _greedy(w, rhs, gram, cross, alphabet, block_size=block_size, dead_tol=dead_tol)
 
 
@@ -471,8 +470,7 @@ def gpfq_from_stats(
     _check_finite("stats.gram", stats.gram)
     _check_finite("stats.cross", stats.cross)
     _check_alphabet(alphabet)
-    if not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    _check_positive_int("block_size", block_size)
     quantize = functools.partial(_gpfq_gram, block_size=block_size, dead_tol=dead_tol)
     for _ in range(w.ndim - 2):
         quantize = jax.vmap(quantize, in_axes=(0, 0, 0, _alphabet_batch_axes(alphabet, w)))
@@ -607,9 +605,8 @@ def gpfq_conv(
             raise ValueError("patch_fraction needs a PRNG key")
     group_alphabet = _split_channels(alphabet, geometry.feature_group_count)
 
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
     if batch_size is not None:
+        _check_positive_int("batch_size", batch_size)
         step = batch_size
     elif method == "gram":
         one_image = jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype)
@@ -621,6 +618,12 @@ def gpfq_conv(
     keys = (
         jax.random.split(key, len(starts)) if patch_fraction is not None else [None] * len(starts)
     )
+    # (images, images_tilde, patch-subsample key) of each accumulation step.
+    chunks = [
+        (x[start : start + step], x_tilde[start : start + step], chunk_key)
+        for start, chunk_key in zip(starts, keys, strict=True)
+    ]
+    sampling = dict(geometry=geometry, patch_fraction=patch_fraction)
 
     if method == "gram":
         stats = gram_stats_init(
@@ -628,35 +631,15 @@ def gpfq_conv(
             batch_shape=(geometry.feature_group_count,),
             dtype=jnp.result_type(x.dtype, jnp.float32),
         )
-        for start, batch_key in zip(starts, keys, strict=True):
-            stats = _conv_stats_update(
-                stats,
-                x[start : start + step],
-                x_tilde[start : start + step],
-                batch_key,
-                geometry=geometry,
-                patch_fraction=patch_fraction,
-            )
+        for chunk in chunks:
+            stats = _conv_stats_update(stats, *chunk, **sampling)
         q = gpfq_from_stats(
             matrices, stats, group_alphabet, block_size=block_size, dead_tol=dead_tol
         )
     elif method == "residual":
-        patches, patches_tilde = (
-            jnp.concatenate(p, axis=1)
-            for p in zip(
-                *(
-                    _sampled_patches(
-                        x[start : start + step],
-                        x_tilde[start : start + step],
-                        batch_key,
-                        geometry=geometry,
-                        patch_fraction=patch_fraction,
-                    )
-                    for start, batch_key in zip(starts, keys, strict=True)
-                ),
-                strict=True,
-            )
-        )
+        sampled = [_sampled_patches(*chunk, **sampling) for chunk in chunks]
+        patches = jnp.concatenate([p for p, _ in sampled], axis=1)
+        patches_tilde = jnp.concatenate([p_tilde for _, p_tilde in sampled], axis=1)
         _check_alphabet(alphabet)
         quantize = jax.vmap(
             functools.partial(_gpfq_residual, dead_tol=dead_tol),
@@ -759,6 +742,11 @@ def _check_matrix(name: str, value: ArrayLike, *, batch_ndim: int | None = None)
     elif array.ndim != batch_ndim + 2:
         raise ValueError(f"{name} must have {batch_ndim + 2} dimensions, got shape {array.shape}")
     return array
+
+
+def _check_positive_int(name: str, value) -> None:
+    if not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _check_finite(name: str, value: jax.Array) -> None:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from qjax.alphabets import Alphabet, AnyAlphabet, UniformAlphabet
-from qjax.gpfq import GramStats
+from qjax.gpfq import GramStats, _check_positive_int
 
 __all__ = ["gptq_from_stats"]
 
@@ -125,8 +125,7 @@ def gptq_from_stats(
         raise ValueError(f"alphabet must be a qjax alphabet, got {type(alphabet).__name__}")
     if not damping > 0:
         raise ValueError(f"damping must be positive, got {damping}")
-    if not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    _check_positive_int("block_size", block_size)
     q = _gptq_batched(
         w.astype(stats.gram.dtype), stats.gram, alphabet, damping=damping, block_size=block_size
     )

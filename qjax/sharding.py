@@ -59,6 +59,7 @@ from qjax.gpfq import (
     _check_alphabet,
     _check_finite,
     _check_matrix,
+    _check_positive_int,
     _split_channels,
     gpfq_from_targets,
 )
@@ -208,8 +209,7 @@ def gram_stats_init(
     Returns:
       `ShardedGramStats` of zeros, each device holding its own (1, *batch_shape, N0, N0) slice.
     """
-    if not isinstance(n0, int | np.integer) or n0 < 1:
-        raise ValueError(f"n0 must be a positive integer, got {n0!r}")
+    _check_positive_int("n0", n0)
     mesh = _check_mesh(make_mesh() if mesh is None else mesh)
     shape = (mesh.size, *batch_shape, n0, n0)
     split = NamedSharding(mesh, _device_spec(mesh, len(shape), 0))
@@ -513,8 +513,7 @@ def gpfq_from_stats(
         if running.total.is_fully_addressable:  # across hosts, each host checked its own rows
             _check_finite(name, running.total)
     _check_alphabet(alphabet)
-    if not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    _check_positive_int("block_size", block_size)
     return _gpfq_sharded(w, stats, alphabet, mesh=mesh, block_size=block_size, dead_tol=dead_tol)
 
 
@@ -524,8 +523,8 @@ def _batching(rows: int, batch_size: int | None) -> tuple[int, int]:
     `gram_stats_update` is a collective: every process makes the same number of calls, those
     with fewer rows passing empty batches.
     """
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if batch_size is not None:
+        _check_positive_int("batch_size", batch_size)
     if jax.process_count() == 1:
         rows_per_process = [rows]
     else:

@@ -183,35 +183,30 @@ class WithDenseGeneral(nn.Module):
         return nn.Dense(2)(x)
 
 
-def test_unknown_layer_type_is_named_and_skippable():
-    model = WithDenseGeneral()
-    x = jnp.ones((3, 5))
-    variables = model.init(jax.random.key(0), x)
-    with pytest.raises(ValueError, match="layer proj is a DenseGeneral"):
-        quantize_model(model, variables, x, progress=False)
-    _, reports = quantize_model(
-        model, variables, x, layers={"proj": LayerSpec(method="skip")}, progress=False
-    )
-    assert [(r.path, r.method) for r in reports] == [("proj", "skip"), ("Dense_0", "gpfq")]
-
-
 class Shared(nn.Module):
     @nn.compact
     def __call__(self, x):
-        dense = nn.Dense(3, name="twice")
+        dense = nn.Dense(5, name="twice")
         return nn.Dense(2)(dense(dense(x)))
 
 
-def test_shared_layer_is_refused_unless_skipped():
-    model = Shared()
-    x = jnp.ones((4, 3))
+@pytest.mark.parametrize(
+    ("model", "layer", "message"),
+    [
+        (WithDenseGeneral(), "proj", "layer proj is a DenseGeneral"),
+        (Shared(), "twice", "layer twice is called more than once"),
+    ],
+    ids=["unknown-type", "shared"],
+)
+def test_unquantizable_layer_is_named_and_skippable(model, layer, message):
+    x = jnp.ones((3, 5))
     variables = model.init(jax.random.key(0), x)
-    with pytest.raises(ValueError, match="twice is called more than once"):
+    with pytest.raises(ValueError, match=message):
         quantize_model(model, variables, x, progress=False)
     _, reports = quantize_model(
-        model, variables, x, layers={"twice": LayerSpec(method="skip")}, progress=False
+        model, variables, x, layers={layer: LayerSpec(method="skip")}, progress=False
     )
-    assert [r.method for r in reports] == ["skip", "gpfq"]
+    assert [(r.path, r.method) for r in reports] == [(layer, "skip"), ("Dense_0", "gpfq")]
 
 
 def test_bad_arguments(mlp):

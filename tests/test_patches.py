@@ -95,7 +95,7 @@ def test_gpfq_conv_default_chunks_give_the_one_batch_codes(monkeypatch):
         chunked = qjax.gpfq_conv(kernel, images, images_tilde, alphabet)
         whole = qjax.gpfq_conv(kernel, images, images_tilde, alphabet, batch_size=5)
         np.testing.assert_array_equal(chunked, whole)
-        with pytest.raises(ValueError, match="batch_size must be positive"):
+        with pytest.raises(ValueError, match="batch_size must be a positive integer"):
             qjax.gpfq_conv(kernel, images, images_tilde, alphabet, batch_size=0)
 
 
