@@ -30,10 +30,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from absl import logging
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 from tqdm.auto import tqdm
 
-from qjax import alphabets
+from qjax import alphabets, sharding
 from qjax.alphabets import AnyAlphabet
 from qjax.gpfq import (
     _split_channels,
@@ -277,6 +279,12 @@ def _as_kernel(matrix: jax.Array, layer: _Layer) -> jax.Array:
     return matrix_to_kernel(matrix, layer.geometry) if layer.kind == "Conv" else matrix
 
 
+def _on_this_process(tree, mesh: Mesh):
+    """A whole copy, on one of this process's devices, of each global array of `tree` on `mesh`."""
+    replicated = jax.jit(lambda t: t, out_shardings=NamedSharding(mesh, P()))(tree)
+    return jax.tree.map(lambda a: a.addressable_data(0), replicated)
+
+
 def quantize_model(
     model: nn.Module,
     variables: Mapping[str, Any],
@@ -285,6 +293,7 @@ def quantize_model(
     spec: LayerSpec = LayerSpec(),
     layers: Mapping[str, LayerSpec] | None = None,
     apply_kwargs: Mapping[str, Any] | None = None,
+    mesh: Mesh | None = None,
     progress: bool = True,
 ) -> tuple[Any, list[LayerReport]]:
     """Quantizes every Dense and Conv kernel of a Linen model, in call order.
@@ -303,6 +312,12 @@ def quantize_model(
       layers: glob pattern on the layer path ("Dense_2", "Conv_*", "*/Dense_0") → `LayerSpec`;
         the first matching pattern wins. Every pattern must match a layer.
       apply_kwargs: extra keyword arguments of `model.apply` (e.g. {"train": False}).
+      mesh: quantize over these devices with `qjax.sharding` (`sharding.make_mesh()`: all
+        devices of all processes): each layer's statistics are summed data-parallel and GPFQ's
+        neurons are split over the mesh; the codes are those of the unsharded run. The forward
+        passes that capture X and X~ run where `variables` and the batches are (by default this
+        process's first device), and the quantized kernels come back there. On several hosts,
+        every process passes its own calibration batches, the same number of them.
       progress: show a progress bar over layers.
 
     Returns:
@@ -357,18 +372,31 @@ def quantize_model(
             continue
         start = time.perf_counter()
         matrix = _as_matrix(kernel, layer)
-        stats = gram_stats_init(matrix.shape[-2], batch_shape=matrix.shape[:-2], track_error=True)
+        n0, batch_shape = matrix.shape[-2], matrix.shape[:-2]
+        if mesh is None:
+            stats = gram_stats_init(n0, batch_shape=batch_shape, track_error=True)
+            update = gram_stats_update
+        else:
+            stats = sharding.gram_stats_init(
+                n0, mesh=mesh, batch_shape=batch_shape, track_error=True
+            )
+            update = sharding.gram_stats_update
         for batch in batches():
             x, x_tilde = _input_rows(
                 model, layer, static_kwargs, float_variables, current, _checked(batch, first.shape)
             )
-            stats = gram_stats_update(stats, x, x_tilde)
+            stats = update(stats, x, x_tilde)
         alphabet = layer_spec.make_alphabet(kernel)
         matrix_alphabet = (
             _split_channels(alphabet, matrix.shape[0]) if layer.kind == "Conv" else alphabet
         )
+        if mesh is not None:  # GPTQ, MSQ and the errors use the combined statistics
+            sharded_stats, stats = stats, _on_this_process(sharding.combine_stats(stats), mesh)
         rounded = _as_matrix(msq(kernel, alphabet), layer)
-        if layer_spec.method == "gpfq":
+        if layer_spec.method == "gpfq" and mesh is not None:
+            q = sharding.gpfq_from_stats(matrix, sharded_stats, matrix_alphabet)
+            q = _on_this_process(q, mesh)
+        elif layer_spec.method == "gpfq":
             q = gpfq_from_stats(matrix, stats, matrix_alphabet)
         elif layer_spec.method == "gptq":
             q = gptq_from_stats(matrix, stats, matrix_alphabet)

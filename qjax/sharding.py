@@ -19,7 +19,8 @@ One API for one device, N devices and many hosts. Every function takes the devic
 pass `mesh=` (`make_mesh`, or any `Mesh`, whose axes are used together as one axis) or let
 `gram_stats_init` build one from `jax.devices()`. On several hosts, start every process with
 `jax.distributed.initialize(...)` and make the same calls on every process; each process passes
-its own calibration rows, see `gram_stats_update`.
+its own calibration rows, see `gram_stats_update`. `qjax.quantize_model(..., mesh=)` quantizes a
+whole model this way.
 
 Sizes that do not divide the number of devices D are padded, never rounded away: calibration rows
 with zero rows (which add nothing to G or H), inputs with dead, uncorrelated inputs (which change
@@ -272,9 +273,11 @@ def _gram_stats_update(
 def _place_rows(name: str, value: ArrayLike, mesh: Mesh, rows_axis: int) -> tuple[jax.Array, int]:
     """This process's calibration rows as one global array split by rows over the mesh.
 
-    A `jax.Array` on a single process is used as it is (the update reshards it). Otherwise each
-    process's rows go straight to its own devices, padded with zero rows so that every device
-    holds the same number: processes may pass different numbers of rows.
+    A `jax.Array` on a single process stays where it is when it is already on the mesh's devices
+    (the update reshards it); one elsewhere, e.g. committed to one device, is padded with zero
+    rows and split over the mesh. Otherwise each process's rows go straight to its own devices,
+    padded with zero rows so that every device holds the same number: processes may pass
+    different numbers of rows.
 
     Returns:
       The global array and its number of rows before padding, over all processes.
@@ -284,7 +287,13 @@ def _place_rows(name: str, value: ArrayLike, mesh: Mesh, rows_axis: int) -> tupl
             raise ValueError(f"{name} is a global array on devices other than the statistics' mesh")
         return value, value.shape[rows_axis]
     if isinstance(value, jax.Array) and jax.process_count() == 1:
-        return value, value.shape[rows_axis]
+        rows = value.shape[rows_axis]
+        if value.sharding.device_set != set(mesh.devices.flat):
+            pad = [(0, 0)] * value.ndim
+            pad[rows_axis] = (0, -rows % mesh.size)
+            split = NamedSharding(mesh, _device_spec(mesh, value.ndim, rows_axis))
+            value = jax.device_put(jnp.pad(value, pad), split)
+        return value, rows
     local = np.asarray(value)
     local_devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
     rows = local.shape[rows_axis]

@@ -298,6 +298,35 @@ def test_eight_devices_whole_model_equals_quantize_model():
         )
 
 
+@eight_devices
+def test_eight_devices_quantize_model_with_a_mesh_equals_unsharded():
+    """`qjax.quantize_model(..., mesh=)` gives the kernels and errors of the unsharded run, for
+    GPFQ (Conv and Dense) and GPTQ, with batches of 10 and 14 images (not multiples of 8)."""
+    model = SmallCNN()
+    images = jax.random.normal(jax.random.key(0), (24, 6, 6, 2))
+    batches = [images[:10], images[10:]]
+    variables = model.init(jax.random.key(1), images)
+    options = dict(
+        spec=LayerSpec(bits=3, c=1.0, rule="max", per_channel=True),
+        layers={"Dense_1": LayerSpec(method="gptq", bits=3, c=1.0, rule="max")},
+        progress=False,
+    )
+    expected, expected_reports = quantize_model(model, variables, batches, **options)
+    quantized, reports = quantize_model(
+        model, variables, batches, mesh=sharding.make_mesh(), **options
+    )
+    for name in ("Conv_0", "Dense_0", "Dense_1"):
+        kernel = quantized["params"][name]["kernel"]
+        assert len(kernel.devices()) == 1, name  # handed back whole, for the next forward pass
+        np.testing.assert_array_equal(kernel, expected["params"][name]["kernel"], err_msg=name)
+    for report, expected_report in zip(reports, expected_reports, strict=True):
+        assert report.method == expected_report.method
+        assert report.relative_error == pytest.approx(expected_report.relative_error, rel=1e-5)
+        assert report.msq_relative_error == pytest.approx(
+            expected_report.msq_relative_error, rel=1e-5
+        )
+
+
 # ----------------------------------------------------------------------------------------------
 # Two processes ("hosts") of four devices each, joined by jax.distributed.
 
@@ -312,6 +341,20 @@ def _two_process_worker(process_id: int) -> None:
     q = sharding.gpfq_layer(w, x[mine], x_tilde[mine], alphabet, batch_size=128)
     for shard in q.addressable_shards:
         np.testing.assert_array_equal(shard.data, expected[shard.index])
+    # A whole model, each process calibrating on its own images (10 and 14).
+    model = SmallCNN()
+    images = np.asarray(jax.random.normal(jax.random.key(0), (24, 6, 6, 2)))
+    variables = model.init(jax.random.key(1), images)
+    spec = LayerSpec(bits=3, c=1.0, rule="max", per_channel=True)
+    expected_model, _ = quantize_model(model, variables, images, spec=spec, progress=False)
+    my_images = images[:10] if process_id == 0 else images[10:]
+    quantized, _ = quantize_model(
+        model, variables, my_images, spec=spec, mesh=sharding.make_mesh(), progress=False
+    )
+    for name in ("Conv_0", "Dense_0", "Dense_1"):
+        np.testing.assert_array_equal(
+            quantized["params"][name]["kernel"], expected_model["params"][name]["kernel"]
+        )
     # A mesh of this process's devices only leaves the other host's data out: an error.
     with pytest.raises(ValueError, match="host count and the data shards disagree"):
         sharding.gram_stats_init(70, mesh=sharding.make_mesh(jax.local_devices()))
