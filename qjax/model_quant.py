@@ -281,7 +281,7 @@ def _as_kernel(matrix: jax.Array, layer: _Layer) -> jax.Array:
 
 def _on_this_process(tree, mesh: Mesh):
     """A whole copy, on one of this process's devices, of each global array of `tree` on `mesh`."""
-    replicated = jax.jit(lambda t: t, out_shardings=NamedSharding(mesh, P()))(tree)
+    replicated = jax.device_put(tree, NamedSharding(mesh, P()))
     return jax.tree.map(lambda a: a.addressable_data(0), replicated)
 
 

@@ -260,14 +260,23 @@ class SmallCNN(nn.Module):
         return nn.Dense(5)(x)
 
 
+SMALL_CNN_LAYERS = ("Conv_0", "Dense_0", "Dense_1")
+SMALL_CNN_SPEC = LayerSpec(bits=3, c=1.0, rule="max", per_channel=True)
+
+
+def small_cnn_problem():
+    """SmallCNN, 24 calibration images (as NumPy) and its initial variables."""
+    model = SmallCNN()
+    images = np.asarray(jax.random.normal(jax.random.key(0), (24, 6, 6, 2)))
+    return model, images, model.init(jax.random.key(1), images)
+
+
 @eight_devices
 def test_eight_devices_whole_model_equals_quantize_model():
     """Walking the layers of a model with the sharded quantizers (X and X~ by hand) gives the
     kernels of `qjax.quantize_model` (unsharded)."""
-    model = SmallCNN()
-    images = jax.random.normal(jax.random.key(0), (24, 6, 6, 2))
-    variables = model.init(jax.random.key(1), images)
-    spec = LayerSpec(bits=3, c=1.0, rule="max", per_channel=True)
+    model, images, variables = small_cnn_problem()
+    spec = SMALL_CNN_SPEC
     expected, _ = quantize_model(model, variables, images, spec=spec, progress=False)
 
     params = variables["params"]
@@ -292,7 +301,7 @@ def test_eight_devices_whole_model_equals_quantize_model():
         dense = nn.Dense(width)
         x = nn.relu(dense.apply({"params": params[name]}, x))
         x_tilde = nn.relu(dense.apply({"params": quantized[name]}, x_tilde))
-    for name in ("Conv_0", "Dense_0", "Dense_1"):
+    for name in SMALL_CNN_LAYERS:
         np.testing.assert_array_equal(
             quantized[name]["kernel"], expected["params"][name]["kernel"], err_msg=name
         )
@@ -302,12 +311,10 @@ def test_eight_devices_whole_model_equals_quantize_model():
 def test_eight_devices_quantize_model_with_a_mesh_equals_unsharded():
     """`qjax.quantize_model(..., mesh=)` gives the kernels and errors of the unsharded run, for
     GPFQ (Conv and Dense) and GPTQ, with batches of 10 and 14 images (not multiples of 8)."""
-    model = SmallCNN()
-    images = jax.random.normal(jax.random.key(0), (24, 6, 6, 2))
+    model, images, variables = small_cnn_problem()
     batches = [images[:10], images[10:]]
-    variables = model.init(jax.random.key(1), images)
     options = dict(
-        spec=LayerSpec(bits=3, c=1.0, rule="max", per_channel=True),
+        spec=SMALL_CNN_SPEC,
         layers={"Dense_1": LayerSpec(method="gptq", bits=3, c=1.0, rule="max")},
         progress=False,
     )
@@ -315,7 +322,7 @@ def test_eight_devices_quantize_model_with_a_mesh_equals_unsharded():
     quantized, reports = quantize_model(
         model, variables, batches, mesh=sharding.make_mesh(), **options
     )
-    for name in ("Conv_0", "Dense_0", "Dense_1"):
+    for name in SMALL_CNN_LAYERS:
         kernel = quantized["params"][name]["kernel"]
         assert len(kernel.devices()) == 1, name  # handed back whole, for the next forward pass
         np.testing.assert_array_equal(kernel, expected["params"][name]["kernel"], err_msg=name)
@@ -342,16 +349,14 @@ def _two_process_worker(process_id: int) -> None:
     for shard in q.addressable_shards:
         np.testing.assert_array_equal(shard.data, expected[shard.index])
     # A whole model, each process calibrating on its own images (10 and 14).
-    model = SmallCNN()
-    images = np.asarray(jax.random.normal(jax.random.key(0), (24, 6, 6, 2)))
-    variables = model.init(jax.random.key(1), images)
-    spec = LayerSpec(bits=3, c=1.0, rule="max", per_channel=True)
+    model, images, variables = small_cnn_problem()
+    spec = SMALL_CNN_SPEC
     expected_model, _ = quantize_model(model, variables, images, spec=spec, progress=False)
     my_images = images[:10] if process_id == 0 else images[10:]
     quantized, _ = quantize_model(
         model, variables, my_images, spec=spec, mesh=sharding.make_mesh(), progress=False
     )
-    for name in ("Conv_0", "Dense_0", "Dense_1"):
+    for name in SMALL_CNN_LAYERS:
         np.testing.assert_array_equal(
             quantized["params"][name]["kernel"], expected_model["params"][name]["kernel"]
         )
