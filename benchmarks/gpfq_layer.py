@@ -23,9 +23,10 @@ import numpy as np
 import qjax
 from benchmarks.timing import best_time
 from qjax import alphabets
-from qjax.gpfq import _gpfq_residual, _gram_stats_update_jit
+from qjax.methods.gpfq import _gpfq_residual
 from qjax.patches import ConvGeometry, conv_patches, kernel_to_matrix
 from qjax.reference import gpfq_reference
+from qjax.stats import _accumulate_jit as _gram_stats_update_jit
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 

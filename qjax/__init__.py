@@ -18,6 +18,7 @@ from qjax import (
     batchnorm,
     data,
     export,
+    methods,
     metrics,
     models,
     patches,
@@ -26,19 +27,19 @@ from qjax import (
     transforms,
 )
 from qjax.batchnorm import reestimate_batch_stats
-from qjax.gpfq import (
-    GramStats,
+from qjax.methods import (
+    GPFQ,
+    GPTQ,
+    MSQ,
+    QuantizationMethod,
     gpfq_conv,
     gpfq_from_stats,
     gpfq_layer,
-    gram_stats,
-    gram_stats_init,
-    gram_stats_update,
+    gptq_from_stats,
     msq,
-    relative_error,
 )
-from qjax.gptq import gptq_from_stats
 from qjax.model_quant import LayerReport, LayerSpec, format_report, quantize_model
+from qjax.stats import GramStats, gram_stats, gram_stats_init, gram_stats_update, relative_error
 from qjax.transforms import (
     ProxQuantState,
     clip_params,

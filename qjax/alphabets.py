@@ -8,9 +8,18 @@ An alphabet is a pytree, so it can be passed through `jax.jit` and `jax.vmap`. T
   x / step, with no search over letters.
 * `Alphabet`: any sorted set of letters.
 
-`step` (or `letters`) is either a scalar (one alphabet for the layer) or carry a last
-axis of length N1 (one alphabet per output neuron, "per channel"); it broadcasts against a Flax
-kernel of shape (..., N1).
+Granularity. `step` (or `letters`) is a scalar (one alphabet for the tensor), or carries a last
+axis of length N1 (one alphabet per output neuron, "per channel"), broadcasting against a kernel of
+shape (..., N1). A `UniformAlphabet` with `group_size` g is group-wise, the LLM standard: its step
+has shape (..., ⌈N0/g⌉, N1), one step per block of g consecutive inputs per neuron, and it
+projects matrices (..., N0, N1) whose input t uses step row ⌊t/g⌋ (`for_input`).
+
+Bits. Throughout qjax, `bits` = b means an alphabet of 2^b letters, so that its codes fill b bits:
+binary at b = 1, R·linspace(-1, 1, 2^b) beyond (the GPFQ reference code's alphabets). Alphabets
+with a zero letter are asked for by their number of letters (3: ternary, 2^b - 1: {-K..K}·δ).
+
+Ties. Q(x) is the nearest letter; a value exactly halfway between two letters goes to the lower
+one, for every alphabet kind (as `qjax.reference.nearest_letter`).
 
 Scale rules. The scale constant C sets the largest letter, the radius R:
 
@@ -21,6 +30,7 @@ Scale rules. The scale constant C sets the largest letter, the radius R:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal
 
 import jax
@@ -65,12 +75,15 @@ class UniformAlphabet:
     product of `step` and a small half-integer, so it is bit-identical wherever it is computed.
 
     Attributes:
-      step: the spacing δ between letters, a scalar or an array of shape (N1,) (per neuron).
+      step: the spacing δ between letters: a scalar, (N1,) per neuron, or (⌈N0/g⌉, N1) per
+        group of g inputs per neuron.
       size: the number of letters (static: it is part of the pytree's structure).
+      group_size: g for a group-wise alphabet, else None (static).
     """
 
     step: jax.Array
     size: int
+    group_size: int | None = None
 
     @property
     def _center(self) -> float:
@@ -83,16 +96,47 @@ class UniformAlphabet:
         offsets = jnp.arange(self.size, dtype=step.dtype) - self._center  # exact half-integers
         return offsets * step[..., None]
 
+    def for_input(self, t: ArrayLike) -> UniformAlphabet:
+        """The alphabet of input t (row t of a weight matrix): itself unless group-wise.
+
+        For a group-wise alphabet the step's group axis (-2, or -1 once the neuron axis has been
+        mapped away) is indexed at ⌊t/g⌋; `t` may be traced.
+        """
+        if self.group_size is None:
+            return self
+        step = jnp.asarray(self.step)
+        axis = -2 if step.ndim >= 2 else -1
+        group = jnp.minimum(t // self.group_size, step.shape[axis] - 1)
+        return UniformAlphabet(jnp.take(step, group, axis=axis), self.size)
+
+    def _step_for(self, x: jax.Array) -> jax.Array:
+        """The step broadcast against x; a group-wise step is repeated over its groups' rows."""
+        step = jnp.asarray(self.step)
+        if self.group_size is None:
+            return step
+        if x.ndim < 2:
+            raise ValueError(
+                f"a group-wise alphabet projects matrices (..., N0, N1), got shape {x.shape}"
+            )
+        rows = jnp.repeat(step, self.group_size, axis=-2)
+        if rows.shape[-2] < x.shape[-2]:
+            raise ValueError(
+                f"group-wise alphabet with {step.shape[-2]} groups of {self.group_size} inputs "
+                f"cannot cover N0 = {x.shape[-2]} inputs"
+            )
+        return rows[..., : x.shape[-2], :]
+
     def codes(self, x: ArrayLike) -> jax.Array:
-        """Index k (int32) of the letter nearest to each entry of x; ties round half to even k."""
+        """Index k (int32) of the letter nearest to each entry of x; ties go to the lower k."""
         x = jnp.asarray(x)
-        k = jnp.round(x / self.step + self._center)
+        k = jnp.ceil(x / self._step_for(x) + self._center - 0.5)
         return jnp.clip(k, 0, self.size - 1).astype(jnp.int32)
 
     def decode(self, codes: ArrayLike) -> jax.Array:
         """Letters a_k for integer codes k (per-neuron steps broadcast on the last axis)."""
-        step = jnp.asarray(self.step)
-        return (jnp.asarray(codes, dtype=step.dtype) - self._center) * step
+        codes = jnp.asarray(codes)
+        step = self._step_for(codes)
+        return (codes.astype(step.dtype) - self._center) * step
 
     def project(self, x: ArrayLike) -> jax.Array:
         """Nearest letter Q(x) for each entry of x, in x's dtype."""
@@ -113,6 +157,11 @@ class Alphabet:
     @property
     def size(self) -> int:
         return self.letters.shape[-1]
+
+    def for_input(self, t: ArrayLike) -> Alphabet:
+        """The alphabet of input t: the same for every input."""
+        del t
+        return self
 
     def codes(self, x: ArrayLike) -> jax.Array:
         """Index (int32) of the nearest letter; a tie goes to the lower letter."""
@@ -188,30 +237,25 @@ def binary(delta: ArrayLike) -> UniformAlphabet:
 
 
 def num_letters_for_bits(bits: int) -> int:
-    """Letters of the symmetric b-bit alphabet: 2 for b = 1 (binary), 2^b - 1 for b >= 2.
-
-    For b >= 2 this is {-K..K}·δ with K = 2^(b-1) - 1: it contains 0 and its codes fit b bits
-    (b = 2 is ternary).
-    """
+    """The number of letters of a b-bit alphabet: 2^b (its codes fill b bits)."""
     if not isinstance(bits, int | np.integer) or not 1 <= bits <= 16:
         raise ValueError(f"bits must be an integer in [1, 16], got {bits!r}")
-    return 2 if bits == 1 else 2**bits - 1
+    return 2**bits
 
 
 def by_bits(bits: int, delta: ArrayLike) -> UniformAlphabet:
-    """The symmetric alphabet whose codes fit in `bits` bits, with step δ.
+    """The b-bit alphabet with step δ: 2^b letters δ·(k - (2^b - 1)/2), k = 0..2^b - 1.
 
-    b = 1 gives {±δ}; b >= 2 gives {-K..K}·δ with K = 2^(b-1) - 1 (b = 2 is ternary).
+    b = 1 gives {±δ/2}; b = 2 gives {±δ/2, ±3δ/2}. There is no zero letter (use `symmetric`).
     """
-    n = num_letters_for_bits(bits)
-    return binary(delta) if n == 2 else symmetric((n - 1) // 2, delta)
+    delta = jnp.asarray(delta, dtype=jnp.result_type(float))
+    _check_positive_finite("delta", delta)
+    return UniformAlphabet(step=delta, size=num_letters_for_bits(bits))
 
 
 def midrise(bits: int, radius: ArrayLike) -> UniformAlphabet:
-    """The GPFQ reference code's alphabet radius·linspace(-1, 1, 2^bits) (no zero letter)."""
-    if not isinstance(bits, int | np.integer) or not 1 <= bits <= 16:
-        raise ValueError(f"bits must be an integer in [1, 16], got {bits!r}")
-    return uniform(2**bits, radius)
+    """The b-bit alphabet radius·linspace(-1, 1, 2^b) of the GPFQ reference code."""
+    return uniform(num_letters_for_bits(bits), radius)
 
 
 def from_letters(letters: ArrayLike) -> Alphabet:
@@ -231,68 +275,153 @@ def from_letters(letters: ArrayLike) -> Alphabet:
     return Alphabet(letters=jnp.asarray(arr, dtype=jnp.result_type(float)))
 
 
+Granularity = Literal["tensor", "channel", "group"]
+_STATISTICS = {"median": jnp.median, "max": jnp.max}
+# c=None: the constants tried for each scale group, as multiples of the rule's statistic.
+_MSE_SEARCH = {"max": np.linspace(0.3, 1.0, 36), "median": np.linspace(0.5, 8.0, 31)}
+
+
+def _scale_groups(w: jax.Array, *, per_channel: bool, group_size: int | None) -> jax.Array:
+    """|w| arranged so that a reduction over axis -2 gives one statistic per scale group.
+
+    Returns |w| as (1, size) per tensor, (rows, N1) per channel (w's leading axes flattened), or
+    (..., G, g, N1) group-wise (w a matrix (..., N0, N1), N0 zero-padded to G·g with NaN, which
+    the reductions ignore).
+    """
+    magnitudes = jnp.abs(w)
+    if group_size is not None:
+        if w.ndim < 2:
+            raise ValueError(f"group-wise scales need a matrix (..., N0, N1), got {w.shape}")
+        n0 = w.shape[-2]
+        groups = -(-n0 // group_size)
+        pad = [(0, 0)] * w.ndim
+        pad[-2] = (0, groups * group_size - n0)
+        magnitudes = jnp.pad(magnitudes, pad, constant_values=jnp.nan)
+        return magnitudes.reshape(*w.shape[:-2], groups, group_size, w.shape[-1])
+    if per_channel:
+        return magnitudes.reshape(-1, w.shape[-1])
+    return magnitudes.reshape(-1, 1)
+
+
+def _check_scale_options(w: jax.Array, rule: str, per_channel: bool, group_size) -> None:
+    if w.ndim < 1 or w.size == 0:
+        raise ValueError(f"w must be a non-empty array, got shape {w.shape}")
+    if rule not in _STATISTICS:
+        raise ValueError(f"unknown scale rule {rule!r}; expected one of {sorted(_STATISTICS)}")
+    if group_size is not None:
+        if not isinstance(group_size, int | np.integer) or group_size < 1:
+            raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+
+
+def _reduce(magnitudes: jax.Array, rule: str, per_tensor: bool) -> jax.Array:
+    statistic = {"median": jnp.nanmedian, "max": jnp.nanmax}[rule](magnitudes, axis=-2)
+    return statistic[..., 0] if per_tensor else statistic
+
+
+def _positive(radius: jax.Array) -> jax.Array:
+    # An all-zero channel or group would give a zero radius: use the smallest positive one.
+    tiny = jnp.finfo(radius.dtype).tiny
+    return jnp.where(radius > 0, radius, jnp.maximum(jnp.max(radius), tiny))
+
+
 def scale_radius(
     w: ArrayLike,
     c: float,
     *,
     rule: Literal["median", "max"] = "median",
     per_channel: bool = False,
+    group_size: int | None = None,
 ) -> jax.Array:
-    """The largest letter R = C·median|w| or C·max|w|, per layer or per output channel.
+    """The largest letter R = C·median|w| or C·max|w|, per tensor, output channel or group.
 
     Args:
       w: a kernel whose last axis indexes output neurons (Flax layout: (N0, N1) or
-        (kh, kw, cin, cout)).
+        (kh, kw, cin, cout)); a matrix (..., N0, N1) when `group_size` is given.
       c: the scale constant C > 0.
       rule: "median" or "max".
       per_channel: if True, one radius per output neuron, shape (N1,); else a scalar.
+      group_size: g: one radius per g consecutive inputs per neuron, shape (..., ⌈N0/g⌉, N1)
+        (group-wise scales are per output channel whatever `per_channel` says).
 
     Returns:
-      R, a scalar or an (N1,) array.
+      R: a scalar, (N1,), or (..., ⌈N0/g⌉, N1).
     """
     w = jnp.asarray(w)
-    if w.ndim < 1 or w.size == 0:
-        raise ValueError(f"w must be a non-empty array, got shape {w.shape}")
+    _check_scale_options(w, rule, per_channel, group_size)
     if not c > 0:
         raise ValueError(f"the scale constant c must be positive, got {c}")
-    stats = {"median": jnp.median, "max": jnp.max}
-    if rule not in stats:
-        raise ValueError(f"unknown scale rule {rule!r}; expected one of {sorted(stats)}")
-    magnitudes = jnp.abs(w).reshape(-1, w.shape[-1]) if per_channel else jnp.abs(w).reshape(-1)
-    radius = c * stats[rule](magnitudes, axis=0)
-    # An all-zero channel would give a zero radius: fall back to the smallest positive one.
-    tiny = jnp.finfo(radius.dtype).tiny
-    return jnp.where(radius > 0, radius, jnp.maximum(jnp.max(radius), tiny))
+    groups = _scale_groups(w, per_channel=per_channel, group_size=group_size)
+    per_tensor = not per_channel and group_size is None
+    return _positive(c * _reduce(groups, rule, per_tensor))
+
+
+@functools.partial(jax.jit, static_argnames=("num_letters", "rule", "per_tensor"))
+def _mse_radius(groups: jax.Array, *, num_letters: int, rule: str, per_tensor: bool) -> jax.Array:
+    """The radius C·statistic minimising Σ (|w| - Q(|w|))² in each scale group, C on a grid."""
+    statistic = _positive(_reduce(groups, rule, per_tensor=False))
+    signed = jnp.nan_to_num(groups)  # |w| ≥ 0; Q is odd-symmetric, so |w| suffices
+    valid = ~jnp.isnan(groups)
+
+    def error(c):
+        radius = c * statistic
+        step = 2 * radius / (num_letters - 1)
+        center = (num_letters - 1) / 2
+        k = jnp.clip(jnp.ceil(signed / step[..., None, :] + center - 0.5), 0, num_letters - 1)
+        residual = jnp.where(valid, signed - (k - center) * step[..., None, :], 0.0)
+        squares = jnp.sum(residual**2, axis=-2)
+        return jnp.sum(squares, axis=-1, keepdims=True) if per_tensor else squares
+
+    candidates = jnp.asarray(_MSE_SEARCH[rule], statistic.dtype)
+    errors = jax.lax.map(error, candidates)  # (num_candidates, ...)
+    best = candidates[jnp.argmin(errors, axis=0)]
+    radius = best * statistic
+    return radius[..., 0] if per_tensor else radius
 
 
 def for_weights(
     w: ArrayLike,
     *,
-    c: float,
+    c: float | None,
     bits: int | None = None,
     num_letters: int | None = None,
     rule: Literal["median", "max"] = "median",
     per_channel: bool = False,
+    group_size: int | None = None,
 ) -> UniformAlphabet:
     """A uniform symmetric alphabet scaled to the weights `w`.
 
-    The letters are R·linspace(-1, 1, n) with R = `scale_radius(w, c, rule=..., per_channel=...)`.
-    Give exactly one of `bits` (n = `num_letters_for_bits(bits)`: binary at 1 bit, otherwise
-    {-K..K}·δ with K = 2^(b-1) - 1) or `num_letters` (e.g. 3 for ternary, 2^b for the GPFQ
-    reference code's alphabets, 2^b + 1 for Zhang & Saab's).
+    The letters are R·linspace(-1, 1, n) with R = `scale_radius(w, c, ...)`. Give exactly one of
+    `bits` (n = 2^b) or `num_letters` (e.g. 3 for ternary, 2^b - 1 for {-K..K}·δ).
 
     Args:
-      w: the kernel, output neurons on the last axis.
-      c: the scale constant C.
-      bits: bit width.
+      w: the kernel, output neurons on the last axis (a matrix (..., N0, N1) when group-wise).
+      c: the scale constant C; None chooses, in each scale group (tensor, channel or group), the C
+        on a grid (0.3..1 for "max", 0.5..8 for "median") whose rounding Q(w) is closest to w in
+        squared error, a data-free choice that gives good alphabets at every size.
+      bits: bit width b.
       num_letters: number of letters n >= 2.
       rule: "median" or "max", see `scale_radius`.
       per_channel: one alphabet per output neuron.
+      group_size: one alphabet per g consecutive inputs per output neuron (group-wise).
 
     Returns:
-      A `UniformAlphabet` with scalar or (N1,) parameters.
+      A `UniformAlphabet` with scalar, (N1,) or (..., ⌈N0/g⌉, N1) steps.
     """
     if (bits is None) == (num_letters is None):
         raise ValueError("give exactly one of bits or num_letters")
     n = num_letters_for_bits(bits) if bits is not None else num_letters
-    return uniform(n, scale_radius(w, c, rule=rule, per_channel=per_channel))
+    if c is not None:
+        radius = scale_radius(w, c, rule=rule, per_channel=per_channel, group_size=group_size)
+        alphabet = uniform(n, radius)
+    else:
+        w = jnp.asarray(w)
+        _check_scale_options(w, rule, per_channel, group_size)
+        if not isinstance(n, int | np.integer) or n < 2:
+            raise ValueError(f"num_letters must be an integer >= 2, got {n!r}")
+        groups = _scale_groups(w, per_channel=per_channel, group_size=group_size)
+        per_tensor = not per_channel and group_size is None
+        radius = _mse_radius(groups, num_letters=int(n), rule=rule, per_tensor=per_tensor)
+        alphabet = UniformAlphabet(step=2 * radius / (n - 1), size=int(n))
+    if group_size is None:
+        return alphabet
+    return UniformAlphabet(step=alphabet.step, size=alphabet.size, group_size=group_size)

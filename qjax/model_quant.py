@@ -37,16 +37,11 @@ from tqdm.auto import tqdm
 
 from qjax import alphabets, sharding
 from qjax.alphabets import AnyAlphabet
-from qjax.gpfq import (
-    _split_channels,
-    gpfq_from_stats,
-    gram_stats_init,
-    gram_stats_update,
-    msq,
-    relative_error,
-)
-from qjax.gptq import gptq_from_stats
+from qjax.methods.gpfq import _split_channels, gpfq_from_stats
+from qjax.methods.gptq import gptq_from_stats
+from qjax.methods.msq import msq
 from qjax.patches import ConvGeometry, conv_patches, kernel_to_matrix, matrix_to_kernel
+from qjax.stats import gram_stats_init, gram_stats_update, relative_error
 
 __all__ = ["LayerReport", "LayerSpec", "format_report", "quantize_model"]
 

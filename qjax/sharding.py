@@ -53,18 +53,18 @@ from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
 from qjax.alphabets import Alphabet, AnyAlphabet
-from qjax.gpfq import (
+from qjax.checks import check_alphabet as _check_alphabet
+from qjax.checks import check_finite as _check_finite
+from qjax.checks import check_matrix as _check_matrix
+from qjax.checks import check_positive_int as _check_positive_int
+from qjax.methods.gpfq import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_DEAD_TOL,
-    GramStats,
-    _check_alphabet,
-    _check_finite,
-    _check_matrix,
-    _check_positive_int,
     _split_channels,
     gpfq_from_targets,
 )
 from qjax.patches import ConvGeometry, conv_patches, kernel_to_matrix, matrix_to_kernel
+from qjax.stats import GramStats
 
 __all__ = [
     "CompensatedSum",

@@ -23,12 +23,14 @@ def test_binary_letters():
 
 @pytest.mark.parametrize(
     ("bits", "expected"),
-    [(1, [-1, 1]), (2, [-1, 0, 1]), (3, [-3, -2, -1, 0, 1, 2, 3])],
+    [(1, [-0.5, 0.5]), (2, [-1.5, -0.5, 0.5, 1.5]), (3, np.arange(8) - 3.5)],
 )
-def test_by_bits_fits_in_bits(bits, expected):
+def test_bits_means_two_to_the_bits_letters(bits, expected):
     alphabet = alphabets.by_bits(bits, 1.0)
     np.testing.assert_allclose(alphabet.letters, expected)
-    assert alphabet.size <= 2**bits
+    assert alphabet.size == 2**bits == alphabets.num_letters_for_bits(bits)
+    w = jnp.linspace(-1.0, 1.0, 7)
+    assert alphabets.for_weights(w, c=1.0, bits=bits).size == 2**bits
 
 
 def test_midrise_is_reference_linspace():
@@ -105,7 +107,7 @@ def test_for_weights_largest_letter_is_radius():
     ternary = alphabets.for_weights(w, c=3.0, num_letters=3)
     np.testing.assert_allclose(ternary.letters[-1], 3.0 * jnp.median(jnp.abs(w)), rtol=1e-6)
     per_channel = alphabets.for_weights(w, c=1.0, bits=4, rule="max", per_channel=True)
-    assert per_channel.size == 15
+    assert per_channel.size == 16
     np.testing.assert_allclose(
         per_channel.letters[:, -1], jnp.abs(w).max(axis=(0, 1, 2)), rtol=1e-6
     )

@@ -7,7 +7,8 @@ import pytest
 
 import qjax
 from qjax import alphabets
-from qjax.gptq import gptq_from_stats
+from qjax.methods.base import _quantize_batched
+from qjax.methods.gptq import gptq_from_stats
 
 
 def gptq_reference(w, gram, letters, damping):
@@ -105,6 +106,6 @@ def test_second_call_does_not_recompile():
     stats = qjax.gram_stats(x, x)
     alphabet = alphabets.symmetric(1, 0.5)
     gptq_from_stats(jnp.ones((5, 2)), stats, alphabet)
-    size = qjax.gptq._gptq_batched._cache_size()
+    size = _quantize_batched._cache_size()
     gptq_from_stats(jnp.zeros((5, 2)), stats, alphabets.symmetric(1, 0.7))
-    assert qjax.gptq._gptq_batched._cache_size() == size
+    assert _quantize_batched._cache_size() == size

@@ -86,7 +86,7 @@ def test_gpfq_conv_equals_reference_on_patches(settings):
 def test_gpfq_conv_default_chunks_give_the_one_batch_codes(monkeypatch):
     # By default "gram" folds a few images at a time into G and H (about
     # DEFAULT_CONV_CHUNK_ROWS patch rows each); make that 2 images of 8x8 here: chunks 2, 2, 1.
-    monkeypatch.setattr(qjax.gpfq, "DEFAULT_CONV_CHUNK_ROWS", 128)
+    monkeypatch.setattr(qjax.methods.gpfq, "DEFAULT_CONV_CHUNK_ROWS", 128)
     with jax.enable_x64(True):
         images = jax.random.normal(jax.random.key(7), (5, 8, 8, 3), jnp.float64)
         images_tilde = images + 0.1 * jax.random.normal(jax.random.key(8), images.shape)

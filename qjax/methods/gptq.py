@@ -8,7 +8,9 @@ with U the upper Cholesky factor of H⁻¹ (H⁻¹ = UᵀU),
 
 where w_t is row t of W (one weight per neuron; all neurons are handled at once). As in the
 GPTQ paper, H is damped by `damping`·mean(diag H) and the updates are applied in "lazy batch"
-blocks: a scan inside a block of B inputs, one matrix product for the inputs after it.
+blocks: a scan inside a block of B inputs, one matrix product for the inputs after it. With
+`act_order`, the inputs are visited by decreasing H_tt (GPTQ's "act-order" heuristic); a
+group-wise alphabet still gives input t the step of its own group.
 
 GPTQ matches X~W (the quantized network's inputs through the float weights) while GPFQ matches
 XW (the float network's output); both read G = X~ᵀX~ from the same `GramStats`.
@@ -16,16 +18,19 @@ XW (the float network's output); both read G = X~ᵀX~ from the same `GramStats`
 
 from __future__ import annotations
 
-import functools
+import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from qjax.alphabets import Alphabet, AnyAlphabet, UniformAlphabet
-from qjax.gpfq import GramStats, _check_positive_int
+from qjax.alphabets import AnyAlphabet
+from qjax.checks import check_positive_int
+from qjax.methods.base import QuantizationMethod
+from qjax.stats import GramStats
 
-__all__ = ["gptq_from_stats"]
+__all__ = ["GPTQ", "gptq_from_stats"]
 
 DEFAULT_DAMPING = 0.01
 DEFAULT_BLOCK_SIZE = 128
@@ -44,10 +49,18 @@ def _inverse_hessian_factor(gram: jax.Array, damping: float) -> tuple[jax.Array,
 
 
 def _gptq_matrix(
-    w: jax.Array, gram: jax.Array, alphabet: AnyAlphabet, *, damping: float, block_size: int
+    w: jax.Array,
+    gram: jax.Array,
+    alphabet: AnyAlphabet,
+    *,
+    damping: float,
+    block_size: int,
+    act_order: bool,
 ) -> jax.Array:
     """GPTQ of one (N0, N1) matrix with Gram matrix (N0, N0)."""
     n0 = w.shape[0]
+    order = jnp.argsort(-jnp.diagonal(gram), stable=True) if act_order else jnp.arange(n0)
+    w, gram = w[order], gram[order][:, order]
     u, dead = _inverse_hessian_factor(gram, damping)
     w = jnp.where(dead[:, None], 0.0, w)
     num_blocks = -(-n0 // block_size)
@@ -55,10 +68,11 @@ def _gptq_matrix(
     # Padding inputs have U = identity there and no coupling to the real inputs.
     w = jnp.pad(w, ((0, pad), (0, 0)))
     u = jnp.pad(u, ((0, pad), (0, pad))) + jnp.diag(jnp.arange(n0 + pad) >= n0).astype(u.dtype)
+    inputs = jnp.pad(order, (0, pad), mode="edge")  # each position's input index in the layer
 
-    def input_step(w_block, inputs):
-        u_row, u_diag, j = inputs
-        q_j = alphabet.project(w_block[j])
+    def input_step(w_block, step):
+        u_row, u_diag, j, t = step
+        q_j = alphabet.for_input(t).project(w_block[j])
         e_j = (w_block[j] - q_j) / u_diag
         return w_block - jnp.outer(u_row, e_j), (q_j, e_j)
 
@@ -68,9 +82,9 @@ def _gptq_matrix(
         w_block = jax.lax.dynamic_slice_in_dim(w, start, block_size, axis=0)
         u_rows = jax.lax.dynamic_slice_in_dim(u, start, block_size, axis=0)  # (B, N0 + pad)
         u_block = jax.lax.dynamic_slice_in_dim(u_rows, start, block_size, axis=1)
-        _, (q_block, errors) = jax.lax.scan(
-            input_step, w_block, (u_block, jnp.diagonal(u_block), jnp.arange(block_size))
-        )
+        block_inputs = jax.lax.dynamic_slice_in_dim(inputs, start, block_size)
+        steps = (u_block, jnp.diagonal(u_block), jnp.arange(block_size), block_inputs)
+        _, (q_block, errors) = jax.lax.scan(input_step, w_block, steps)
         # Later inputs absorb the block's errors: w_s -= Σ_t U_ts e_t (U is upper triangular, so
         # earlier rows are untouched and the block's own rows are finished already).
         w = w - jnp.matmul(u_rows.T, errors, precision=_HIGHEST)
@@ -78,17 +92,39 @@ def _gptq_matrix(
         return w, q
 
     _, q = jax.lax.fori_loop(0, num_blocks, block_step, (w, jnp.zeros_like(w)))
-    return q[:n0]
+    return jnp.zeros_like(q[:n0]).at[order].set(q[:n0])
 
 
-@functools.partial(jax.jit, static_argnames=("damping", "block_size"))
-def _gptq_batched(w, gram, alphabet, *, damping, block_size):
-    quantize = functools.partial(_gptq_matrix, damping=damping, block_size=block_size)
-    neuron_ndim = 2 if isinstance(alphabet, Alphabet) else 1
-    for _ in range(w.ndim - 2):
-        axes = jax.tree.map(lambda leaf: 0 if leaf.ndim > neuron_ndim else None, alphabet)
-        quantize = jax.vmap(quantize, in_axes=(0, 0, axes))
-    return quantize(w, gram, alphabet)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GPTQ(QuantizationMethod):
+    """GPTQ (Frantar et al., 2023): matches X~W, spreading each rounding error over later inputs.
+
+    Attributes:
+      damping: λ, added as λ·mean(diag G) to the diagonal of G (GPTQ's "percdamp").
+      block_size: inputs per lazy-batch block (a speed knob only).
+      act_order: visit the inputs by decreasing G_tt (GPTQ's "act-order"), not in layer order.
+    """
+
+    name: ClassVar[str] = "gptq"
+    uses_float_inputs: ClassVar[bool] = False
+    damping: float = DEFAULT_DAMPING
+    block_size: int = DEFAULT_BLOCK_SIZE
+    act_order: bool = False
+
+    def __post_init__(self):
+        if not self.damping > 0:
+            raise ValueError(f"damping must be positive, got {self.damping}")
+        check_positive_int("block_size", self.block_size)
+
+    def quantize_matrix(self, w: jax.Array, stats: GramStats, alphabet: AnyAlphabet) -> jax.Array:
+        return _gptq_matrix(
+            w,
+            stats.gram,
+            alphabet,
+            damping=self.damping,
+            block_size=self.block_size,
+            act_order=self.act_order,
+        )
 
 
 def gptq_from_stats(
@@ -98,35 +134,22 @@ def gptq_from_stats(
     *,
     damping: float = DEFAULT_DAMPING,
     block_size: int = DEFAULT_BLOCK_SIZE,
+    act_order: bool = False,
 ) -> jax.Array:
     """GPTQ of one layer from the Gram matrix G = X~ᵀX~ of its calibration inputs.
+
+    The functional form of `GPTQ(damping=..., block_size=..., act_order=...).quantize(...)`.
 
     Args:
       w: weights, shape batch_shape + (N0, N1) (Flax layout, batch_shape as in `stats`).
       stats: `GramStats` of the layer's inputs (only `gram` is used).
-      alphabet: the alphabet A, per layer or per neuron ((N1,) or batch_shape + (N1,) params).
+      alphabet: the alphabet A: per tensor, per neuron, or group-wise.
       damping: λ, added as λ·mean(diag G) to the diagonal of G (GPTQ's "percdamp").
       block_size: inputs per lazy-batch block (a speed knob only).
+      act_order: visit inputs by decreasing G_tt.
 
     Returns:
       Q, same shape as w, every entry a letter of A.
     """
-    w = jnp.asarray(w)
-    if not jnp.issubdtype(w.dtype, jnp.floating):
-        raise ValueError(f"w must be a floating-point array, got dtype {w.dtype}")
-    if w.ndim < 2 or stats.gram.shape != (*w.shape[:-1], w.shape[-2]):
-        raise ValueError(
-            f"w has shape {w.shape} (batch_shape + (N0, N1)) but the statistics are for "
-            f"batch_shape + (N0, N0) = {stats.gram.shape}"
-        )
-    if not bool(jnp.all(jnp.isfinite(w))) or not bool(jnp.all(jnp.isfinite(stats.gram))):
-        raise ValueError("w or stats.gram contains NaN or Inf")
-    if not isinstance(alphabet, UniformAlphabet | Alphabet):
-        raise ValueError(f"alphabet must be a qjax alphabet, got {type(alphabet).__name__}")
-    if not damping > 0:
-        raise ValueError(f"damping must be positive, got {damping}")
-    _check_positive_int("block_size", block_size)
-    q = _gptq_batched(
-        w.astype(stats.gram.dtype), stats.gram, alphabet, damping=damping, block_size=block_size
-    )
-    return q.astype(w.dtype)
+    method = GPTQ(damping=damping, block_size=block_size, act_order=act_order)
+    return method.quantize(w, stats, alphabet)

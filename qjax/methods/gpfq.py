@@ -25,37 +25,33 @@ Both are scans over inputs, vmapped across neurons; `gpfq_layer` and `gpfq_from_
 jit-compiled.
 
 Dead inputs. When ||X~_t||² is numerically zero (G_tt ≤ dead_tol·max_s G_ss; common after ReLU)
-the choice of q_t does not change the residual. As in the paper's reference code we then set the
-rounding argument to 0: q_t = Q(0), which is 0 for alphabets containing 0 (for binary {±δ}, the
-tie rounds to -δ).
+the choice of q_t does not change the residual. We then set the rounding argument to 0:
+q_t = Q(0), the letter nearest zero, ties to the lower letter: 0 for alphabets containing 0, -δ/2
+for even alphabets {±δ/2, ±3δ/2, ...} of any size. (The paper's reference code sets q_t = 0 even
+when 0 is not a letter; qjax keeps every q_t a letter, so that the codes can be exported.)
+
+Group-wise alphabets (one step per g consecutive inputs per neuron) work in both forms: input t
+is rounded with the step of its group, `alphabet.for_input(t)`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from typing import Literal, NamedTuple
+from typing import ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.typing import ArrayLike
 
-from qjax.alphabets import Alphabet, AnyAlphabet, UniformAlphabet
+from qjax.alphabets import Alphabet, AnyAlphabet
+from qjax.checks import check_alphabet, check_finite, check_matrix, check_positive_int
+from qjax.methods.base import QuantizationMethod, batch_axes
 from qjax.patches import ConvGeometry, conv_patches, kernel_to_matrix, matrix_to_kernel
+from qjax.stats import GramStats, accumulate, gram_stats, gram_stats_init
 
-__all__ = [
-    "GramStats",
-    "gpfq_conv",
-    "gpfq_from_stats",
-    "gpfq_from_targets",
-    "gpfq_layer",
-    "gram_stats",
-    "gram_stats_init",
-    "gram_stats_update",
-    "msq",
-    "relative_error",
-]
+__all__ = ["GPFQ", "gpfq_conv", "gpfq_from_stats", "gpfq_from_targets", "gpfq_layer"]
 
 DEFAULT_BLOCK_SIZE = 64
 DEFAULT_DEAD_TOL = 1e-12
@@ -69,143 +65,6 @@ DEFAULT_CONV_CHUNK_ROWS = 4096
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-class GramStats(NamedTuple):
-    """Second-moment statistics of a layer's calibration inputs, summed over rows.
-
-    Attributes:
-      gram: G = X~ᵀX~, shape batch_shape + (N0, N0).
-      cross: H = X~ᵀX, shape batch_shape + (N0, N0).
-      count: the number of rows m summed so far (int32 scalar).
-      float_gram: XᵀX, shape batch_shape + (N0, N0), kept only when error tracking was asked for
-        (`gram_stats_init(..., track_error=True)`); needed by `relative_error`. Otherwise None.
-    """
-
-    gram: jax.Array
-    cross: jax.Array
-    count: jax.Array
-    float_gram: jax.Array | None = None
-
-
-def gram_stats_init(
-    n0: int,
-    *,
-    batch_shape: tuple[int, ...] = (),
-    track_error: bool = False,
-    dtype: jnp.dtype = jnp.float32,
-) -> GramStats:
-    """Zero statistics for a layer with `n0` inputs.
-
-    Args:
-      n0: the number of inputs N0.
-      batch_shape: leading dimensions, e.g. (groups,) for a grouped convolution.
-      track_error: also accumulate XᵀX, so that `relative_error` can be computed.
-      dtype: accumulation dtype (float32 by default; float64 needs `jax_enable_x64`).
-
-    Returns:
-      `GramStats` of zeros.
-    """
-    _check_positive_int("n0", n0)
-    shape = (*batch_shape, n0, n0)
-    return GramStats(
-        gram=jnp.zeros(shape, dtype),
-        cross=jnp.zeros(shape, dtype),
-        count=jnp.zeros((), jnp.int32),
-        float_gram=jnp.zeros(shape, dtype) if track_error else None,
-    )
-
-
-def _gram_stats_update(stats: GramStats, x: jax.Array, x_tilde: jax.Array) -> GramStats:
-    dtype = stats.gram.dtype
-    x, x_tilde = x.astype(dtype), x_tilde.astype(dtype)
-    # Contract the row axis: (..., m, N0)ᵀ(..., m, N0) -> (..., N0, N0), in full float32 precision
-    # (on GPUs the default float32 matmul precision would use TF32 and lose the small residuals).
-    xt_t = jnp.swapaxes(x_tilde, -1, -2)
-    gram = stats.gram + jnp.matmul(xt_t, x_tilde, precision=_HIGHEST)
-    cross = stats.cross + jnp.matmul(xt_t, x, precision=_HIGHEST)
-    float_gram = stats.float_gram
-    if float_gram is not None:
-        float_gram = float_gram + jnp.matmul(jnp.swapaxes(x, -1, -2), x, precision=_HIGHEST)
-    return GramStats(gram, cross, stats.count + x.shape[-2], float_gram)
-
-
-_gram_stats_update_jit = jax.jit(_gram_stats_update, donate_argnums=0)
-
-
-def gram_stats_update(stats: GramStats, x: ArrayLike, x_tilde: ArrayLike) -> GramStats:
-    """Adds one calibration batch to the statistics (streaming accumulation).
-
-    Args:
-      stats: the running `GramStats` (their buffers are donated: do not reuse `stats`).
-      x: the batch's inputs to the layer in the float network, shape batch_shape + (m, N0).
-      x_tilde: the same batch's inputs in the partly quantized network, same shape.
-
-    Returns:
-      The updated `GramStats`.
-    """
-    x = _check_matrix("x", x, batch_ndim=stats.gram.ndim - 2)
-    x_tilde = _check_matrix("x_tilde", x_tilde, batch_ndim=stats.gram.ndim - 2)
-    if x.shape != x_tilde.shape:
-        raise ValueError(
-            f"x and x_tilde must have the same shape, got {x.shape} and {x_tilde.shape}"
-        )
-    expected = (*stats.gram.shape[:-2], x.shape[-2], stats.gram.shape[-1])
-    if x.shape != expected:
-        raise ValueError(
-            f"x has shape {x.shape}, but the statistics expect batch_shape + (m, N0) = "
-            f"{stats.gram.shape[:-2]} + (m, {stats.gram.shape[-1]})"
-        )
-    return _gram_stats_update_jit(stats, x, x_tilde)
-
-
-def gram_stats(
-    x: ArrayLike,
-    x_tilde: ArrayLike,
-    *,
-    batch_size: int | None = None,
-    track_error: bool = False,
-) -> GramStats:
-    """G = X~ᵀX~ and H = X~ᵀX of whole calibration matrices, summed `batch_size` rows at a time.
-
-    Args:
-      x: float-network inputs, shape (..., m, N0).
-      x_tilde: quantized-network inputs, same shape.
-      batch_size: rows per accumulation step (default: all rows at once).
-      track_error: also accumulate XᵀX for `relative_error`.
-
-    Returns:
-      `GramStats`.
-    """
-    x = _check_matrix("x", x)
-    x_tilde = jnp.asarray(x_tilde)  # once, not per batch
-    dtype = jnp.result_type(x.dtype, jnp.float32)  # float64 inputs keep float64 (with x64)
-    stats = gram_stats_init(
-        x.shape[-1], batch_shape=x.shape[:-2], track_error=track_error, dtype=dtype
-    )
-    m = x.shape[-2]
-    if batch_size is not None:
-        _check_positive_int("batch_size", batch_size)
-    step = m if batch_size is None else batch_size
-    for start in range(0, m, step):
-        rows = slice(start, start + step)
-        stats = gram_stats_update(stats, x[..., rows, :], x_tilde[..., rows, :])
-    return stats
-
-
-def msq(w: ArrayLike, alphabet: AnyAlphabet) -> jax.Array:
-    """Memoryless scalar quantization: each weight rounded to its nearest letter (the baseline).
-
-    Args:
-      w: weights, output neurons on the last axis (per-neuron alphabets broadcast along it).
-      alphabet: the alphabet A.
-
-    Returns:
-      Q(w), same shape and dtype as w.
-    """
-    w = jnp.asarray(w)
-    _check_finite("w", w)
-    return alphabet.project(w)
-
-
 # ----------------------------------------------------------------------------------------------
 # The greedy scan, for one neuron; vmapped across neurons below.
 
@@ -217,6 +76,7 @@ def _neuron_gram(
     dead: jax.Array,
     alphabet: AnyAlphabet,
     block_size: int,
+    offset: int,
 ) -> jax.Array:
     """GPFQ for one neuron from G (N0p × N0p, N0p a multiple of block_size).
 
@@ -227,6 +87,7 @@ def _neuron_gram(
       dead: (N0p,) bool, inputs whose ||X~_t|| is numerically zero.
       alphabet: this neuron's alphabet.
       block_size: B.
+      offset: the index in the whole layer of this run's first input (for group-wise alphabets).
 
     Returns:
       q, shape (N0p,).
@@ -244,7 +105,8 @@ def _neuron_gram(
         def input_step(correction, j):
             t = start + j
             argument = (target[t] - correction[j]) / diag[t]
-            q_t = alphabet.project(jnp.where(dead[t], jnp.zeros_like(argument), argument))
+            argument = jnp.where(dead[t], jnp.zeros_like(argument), argument)
+            q_t = alphabet.for_input(offset + t).project(argument)
             # G is symmetric: row j is column j, and rows are contiguous.
             return correction + block_gram[j] * q_t, q_t
 
@@ -261,14 +123,16 @@ def _neuron_residual(
     norms_sq = jnp.sum(x_tilde * x_tilde, axis=0)
 
     def input_step(u, inputs):
-        w_t, x_t, x_tilde_t, norm_sq_t, dead_t = inputs
+        t, w_t, x_t, x_tilde_t, norm_sq_t, dead_t = inputs
         v = u + w_t * x_t
         argument = jnp.dot(x_tilde_t, v, precision=_HIGHEST) / norm_sq_t
-        q_t = alphabet.project(jnp.where(dead_t, jnp.zeros_like(argument), argument))
+        argument = jnp.where(dead_t, jnp.zeros_like(argument), argument)
+        q_t = alphabet.for_input(t).project(argument)
         return v - q_t * x_tilde_t, q_t
 
     u0 = jnp.zeros(x.shape[0], w.dtype)
-    _, q = jax.lax.scan(input_step, u0, (w, x.T, x_tilde.T, norms_sq, dead))
+    steps = (jnp.arange(w.shape[0]), w, x.T, x_tilde.T, norms_sq, dead)
+    _, q = jax.lax.scan(input_step, u0, steps)
     return q
 
 
@@ -276,6 +140,8 @@ def _per_neuron(alphabet: AnyAlphabet, n1: int) -> AnyAlphabet:
     """The alphabet with a leading neuron axis of length n1 on every leaf (for vmap)."""
     if isinstance(alphabet, Alphabet):
         return Alphabet(jnp.broadcast_to(alphabet.letters, (n1, alphabet.size)))
+    if alphabet.group_size is not None:  # step (G, N1) -> (N1, G)
+        return dataclasses.replace(alphabet, step=jnp.swapaxes(jnp.asarray(alphabet.step), 0, 1))
     return jax.tree.map(lambda leaf: jnp.broadcast_to(leaf, (n1,)), alphabet)
 
 
@@ -293,6 +159,7 @@ def _greedy_segment(
     *,
     block_size: int,
     leaf_size: int,
+    offset: int = 0,
 ) -> jax.Array:
     """The greedy choices for a run of consecutive inputs S, split in halves down to leaves.
 
@@ -312,6 +179,7 @@ def _greedy_segment(
       alphabet: per-neuron alphabet (leading axis N1).
       block_size: B.
       leaf_size: runs of at most this many inputs go to the scan.
+      offset: the index of S's first input in the layer.
 
     Returns:
       Q[S], shape (n, N1).
@@ -321,7 +189,7 @@ def _greedy_segment(
         if cross is not None:
             rhs = rhs + jnp.matmul(jnp.tril(cross), w, precision=_HIGHEST)
         quantize = jax.vmap(
-            functools.partial(_neuron_gram, block_size=block_size),
+            functools.partial(_neuron_gram, block_size=block_size, offset=offset),
             in_axes=(1, 1, None, None, 0),
             out_axes=1,
         )
@@ -334,7 +202,13 @@ def _greedy_segment(
         return None if matrix is None else matrix[rows, cols]
 
     q_first = recurse(
-        w[first], rhs[first], gram[first, first], part(cross, first, first), dead[first], alphabet
+        w[first],
+        rhs[first],
+        gram[first, first],
+        part(cross, first, first),
+        dead[first],
+        alphabet,
+        offset=offset,
     )
     update = -jnp.matmul(gram[second, first], q_first, precision=_HIGHEST)
     if cross is not None:
@@ -346,6 +220,7 @@ def _greedy_segment(
         part(cross, second, second),
         dead[second],
         alphabet,
+        offset=offset + half,
     )
     return jnp.concatenate([q_first, q_second])
 
@@ -414,19 +289,37 @@ def gpfq_from_targets(
     return _greedy(w, target, gram, None, alphabet, block_size=block_size, dead_tol=dead_tol)
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "dead_tol"))
-def _gpfq_gram(
-    w: jax.Array,
-    gram: jax.Array,
-    cross: jax.Array,
-    alphabet: AnyAlphabet,
-    *,
-    block_size: int,
-    dead_tol: float,
-) -> jax.Array:
-    # The targets Σ_{s≤t} H_ts w_s are built on the way, from the lower triangle of H only.
-    rhs = jnp.zeros(w.shape, gram.dtype)
-    return _greedy(w, rhs, gram, cross, alphabet, block_size=block_size, dead_tol=dead_tol)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GPFQ(QuantizationMethod):
+    """GPFQ (Lybrand & Saab) in the "gram" form: matches the float network's output XW.
+
+    Attributes:
+      block_size: B, inputs per lazy-batch block of the scan (a speed knob only: the codes do
+        not depend on it).
+      dead_tol: inputs with G_tt <= dead_tol·max_s G_ss are dead: q_t = Q(0).
+    """
+
+    name: ClassVar[str] = "gpfq"
+    block_size: int = DEFAULT_BLOCK_SIZE
+    dead_tol: float = DEFAULT_DEAD_TOL
+
+    def __post_init__(self):
+        check_positive_int("block_size", self.block_size)
+        if not 0 <= self.dead_tol < 1:
+            raise ValueError(f"dead_tol must be in [0, 1), got {self.dead_tol}")
+
+    def quantize_matrix(self, w: jax.Array, stats: GramStats, alphabet: AnyAlphabet) -> jax.Array:
+        # The targets Σ_{s≤t} H_ts w_s are built on the way, from the lower triangle of H only.
+        rhs = jnp.zeros(w.shape, stats.gram.dtype)
+        return _greedy(
+            w,
+            rhs,
+            stats.gram,
+            stats.cross,
+            alphabet,
+            block_size=self.block_size,
+            dead_tol=self.dead_tol,
+        )
 
 
 @functools.partial(jax.jit, static_argnames=("dead_tol",))
@@ -448,33 +341,20 @@ def gpfq_from_stats(
 ) -> jax.Array:
     """GPFQ of one layer from accumulated statistics G = X~ᵀX~ and H = X~ᵀX.
 
+    The functional form of `GPFQ(block_size=..., dead_tol=...).quantize(w, stats, alphabet)`.
+
     Args:
       w: weights, shape batch_shape + (N0, N1) (batch_shape as in `stats`, e.g. conv groups).
       stats: `GramStats` of the layer's calibration inputs.
-      alphabet: the alphabet A; its parameters are scalars or (N1,) arrays (per neuron), or carry
-        batch_shape + (N1,) for batched layers.
+      alphabet: the alphabet A: per tensor, per neuron (N1,), or group-wise (⌈N0/g⌉, N1), with
+        batch_shape in front for batched layers whose alphabets differ.
       block_size: B, the number of inputs handled per lazy-batch block (a speed knob only).
       dead_tol: inputs with G_tt <= dead_tol·max_s G_ss are dead (see the module docstring).
 
     Returns:
       q, the quantized weights, same shape and dtype as w, every entry a letter of A.
     """
-    w = _check_matrix("w", w, batch_ndim=stats.gram.ndim - 2)
-    _check_finite("w", w)
-    n0 = w.shape[-2]
-    if stats.gram.shape[-2:] != (n0, n0) or stats.gram.shape[:-2] != w.shape[:-2]:
-        raise ValueError(
-            f"w has shape {w.shape} (batch_shape + (N0, N1)) but the statistics are for "
-            f"batch_shape + (N0, N0) = {stats.gram.shape}"
-        )
-    _check_finite("stats.gram", stats.gram)
-    _check_finite("stats.cross", stats.cross)
-    _check_alphabet(alphabet)
-    _check_positive_int("block_size", block_size)
-    quantize = functools.partial(_gpfq_gram, block_size=block_size, dead_tol=dead_tol)
-    for _ in range(w.ndim - 2):
-        quantize = jax.vmap(quantize, in_axes=(0, 0, 0, _alphabet_batch_axes(alphabet, w)))
-    return quantize(w, stats.gram, stats.cross, alphabet)
+    return GPFQ(block_size=block_size, dead_tol=dead_tol).quantize(w, stats, alphabet)
 
 
 def gpfq_layer(
@@ -505,9 +385,9 @@ def gpfq_layer(
     Returns:
       Q, shape (N0, N1), every entry a letter of A.
     """
-    w = _check_matrix("w", w, batch_ndim=0)
-    x = _check_matrix("x", x, batch_ndim=0)
-    x_tilde = _check_matrix("x_tilde", x_tilde, batch_ndim=0)
+    w = check_matrix("w", w, batch_ndim=0)
+    x = check_matrix("x", x, batch_ndim=0)
+    x_tilde = check_matrix("x_tilde", x_tilde, batch_ndim=0)
     if x.shape != x_tilde.shape:
         raise ValueError(
             f"x and x_tilde must have the same shape, got {x.shape} and {x_tilde.shape}"
@@ -518,15 +398,15 @@ def gpfq_layer(
         )
     if x.shape[0] == 0:
         raise ValueError("x has no rows: GPFQ needs at least one calibration sample")
-    _check_finite("x", x)
-    _check_finite("x_tilde", x_tilde)
+    check_finite("x", x)
+    check_finite("x_tilde", x_tilde)
     if method == "gram":
         stats = gram_stats(x, x_tilde, batch_size=batch_size)
         return gpfq_from_stats(w, stats, alphabet, block_size=block_size, dead_tol=dead_tol)
     if method == "residual":
-        _check_finite("w", w)
-        _check_alphabet(alphabet)
-        return _gpfq_residual(w, x, x_tilde, alphabet, dead_tol=dead_tol)
+        check_finite("w", w)
+        check_alphabet(alphabet)
+        return _gpfq_residual(w, x, x_tilde, alphabet, dead_tol=dead_tol).astype(w.dtype)
     raise ValueError(f"unknown method {method!r}; expected 'gram' or 'residual'")
 
 
@@ -596,8 +476,8 @@ def gpfq_conv(
             f"x must have shape (batch, *spatial, {cin}) for a kernel of shape "
             f"{jnp.shape(kernel)}, got {x.shape}"
         )
-    _check_finite("x", x)
-    _check_finite("x_tilde", x_tilde)
+    check_finite("x", x)
+    check_finite("x_tilde", x_tilde)
     if patch_fraction is not None:
         if not 0 < patch_fraction <= 1:
             raise ValueError(f"patch_fraction must be in (0, 1], got {patch_fraction}")
@@ -606,7 +486,7 @@ def gpfq_conv(
     group_alphabet = _split_channels(alphabet, geometry.feature_group_count)
 
     if batch_size is not None:
-        _check_positive_int("batch_size", batch_size)
+        check_positive_int("batch_size", batch_size)
         step = batch_size
     elif method == "gram":
         one_image = jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype)
@@ -640,10 +520,10 @@ def gpfq_conv(
         sampled = [_sampled_patches(*chunk, **sampling) for chunk in chunks]
         patches = jnp.concatenate([p for p, _ in sampled], axis=1)
         patches_tilde = jnp.concatenate([p_tilde for _, p_tilde in sampled], axis=1)
-        _check_alphabet(alphabet)
+        check_alphabet(alphabet)
         quantize = jax.vmap(
             functools.partial(_gpfq_residual, dead_tol=dead_tol),
-            in_axes=(0, 0, 0, _alphabet_batch_axes(group_alphabet, matrices)),
+            in_axes=(0, 0, 0, batch_axes(group_alphabet, 1)),
         )
         q = quantize(matrices, patches, patches_tilde, group_alphabet)
     else:
@@ -683,7 +563,7 @@ def _conv_stats_update(
     patches, patches_tilde = _sampled_patches(
         images, images_tilde, key, geometry=geometry, patch_fraction=patch_fraction
     )
-    return _gram_stats_update(stats, patches, patches_tilde)
+    return accumulate(stats, patches, patches_tilde)
 
 
 def _split_channels(alphabet: AnyAlphabet, groups: int) -> AnyAlphabet:
@@ -696,82 +576,3 @@ def _split_channels(alphabet: AnyAlphabet, groups: int) -> AnyAlphabet:
         return leaf.reshape(groups, leaf.shape[0] // groups, *leaf.shape[1:])
 
     return jax.tree.map(split, alphabet)
-
-
-def relative_error(w: ArrayLike, q: ArrayLike, stats: GramStats) -> jax.Array:
-    """||XW - X~Q||_F / ||XW||_F from statistics accumulated with `track_error=True`.
-
-    Uses ||XW - X~Q||² = tr(WᵀXᵀXW) - 2 tr(WᵀHᵀQ) + tr(QᵀGQ), H = X~ᵀX, G = X~ᵀX~.
-
-    Args:
-      w: the float weights, shape batch_shape + (N0, N1).
-      q: the quantized weights, same shape.
-      stats: `GramStats` with `float_gram`.
-
-    Returns:
-      The relative error, a scalar (summed over batch_shape).
-    """
-    if stats.float_gram is None:
-        raise ValueError("relative_error needs XᵀX: accumulate with gram_stats(track_error=True)")
-    w = jnp.asarray(w, stats.gram.dtype)
-    q = jnp.asarray(q, stats.gram.dtype)
-    if w.shape != q.shape:
-        raise ValueError(f"w and q must have the same shape, got {w.shape} and {q.shape}")
-
-    def quad(a, m, b):
-        return jnp.sum(a * jnp.matmul(m, b, precision=_HIGHEST))
-
-    reference = quad(w, stats.float_gram, w)
-    error_sq = reference - 2 * quad(q, stats.cross, w) + quad(q, stats.gram, q)
-    return jnp.sqrt(jnp.maximum(error_sq, 0.0) / reference)
-
-
-# ----------------------------------------------------------------------------------------------
-# Input checks: a clear ValueError naming the argument, never a silent wrong answer.
-
-
-def _check_matrix(name: str, value: ArrayLike, *, batch_ndim: int | None = None) -> jax.Array:
-    array = jnp.asarray(value)
-    if not jnp.issubdtype(array.dtype, jnp.floating):
-        raise ValueError(f"{name} must be a floating-point array, got dtype {array.dtype}")
-    if batch_ndim is None:
-        if array.ndim < 2:
-            raise ValueError(
-                f"{name} must have at least 2 dimensions (..., m, N0), got {array.shape}"
-            )
-    elif array.ndim != batch_ndim + 2:
-        raise ValueError(f"{name} must have {batch_ndim + 2} dimensions, got shape {array.shape}")
-    return array
-
-
-def _check_positive_int(name: str, value) -> None:
-    if not isinstance(value, int | np.integer) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _check_finite(name: str, value: jax.Array) -> None:
-    if isinstance(value, jax.core.Tracer):
-        return
-    if not bool(jnp.all(jnp.isfinite(value))):
-        raise ValueError(f"{name} contains NaN or Inf")
-
-
-def _check_alphabet(alphabet) -> None:
-    if not isinstance(alphabet, UniformAlphabet | Alphabet):
-        raise ValueError(
-            f"alphabet must be a qjax.alphabets alphabet, got {type(alphabet).__name__}"
-        )
-    if alphabet.size < 1:
-        raise ValueError("alphabet is empty")
-    for leaf in jax.tree.leaves(alphabet):
-        _check_finite("alphabet", leaf)
-
-
-def _alphabet_batch_axes(alphabet: AnyAlphabet, w: jax.Array):
-    """vmap axes of an alphabet's leaves over w's leading (batch) axis."""
-    neuron_ndim = 2 if isinstance(alphabet, Alphabet) else 1
-
-    def axis(leaf):
-        return 0 if leaf.ndim > neuron_ndim else None
-
-    return jax.tree.map(axis, alphabet)

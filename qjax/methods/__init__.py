@@ -1,0 +1,25 @@
+"""Post-training quantization methods, one file each, on the same streamed statistics.
+
+Each is a frozen dataclass carrying its hyperparameters, with a pure `quantize(w, stats,
+alphabet)` (see `base.QuantizationMethod`). `get("gpfq")` returns a method by name.
+"""
+
+from qjax.methods.base import QuantizationMethod, get, names
+from qjax.methods.gpfq import GPFQ, gpfq_conv, gpfq_from_stats, gpfq_from_targets, gpfq_layer
+from qjax.methods.gptq import GPTQ, gptq_from_stats
+from qjax.methods.msq import MSQ, msq
+
+__all__ = [
+    "GPFQ",
+    "GPTQ",
+    "MSQ",
+    "QuantizationMethod",
+    "get",
+    "gpfq_conv",
+    "gpfq_from_stats",
+    "gpfq_from_targets",
+    "gpfq_layer",
+    "gptq_from_stats",
+    "msq",
+    "names",
+]

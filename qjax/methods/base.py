@@ -1,0 +1,114 @@
+"""What a post-training quantization method is: hyperparameters plus one pure function.
+
+A method is a small frozen dataclass carrying its hyperparameters, whose `quantize_matrix(w,
+stats, alphabet)` maps one weight matrix W (N0 inputs × N1 neurons) and the `GramStats` of the
+layer's calibration inputs to Q, every entry a letter of the alphabet. It is pure and traceable
+(`jax.jit`, `jax.vmap`, `jax.lax.scan`, any argument closed over). `quantize` adds what every
+method shares: static shape checks, leading batch axes (convolution feature groups, attention
+heads of an einsum) mapped with `vmap`, compilation keyed on the hyperparameters.
+
+Adding a method is one new file in `qjax/methods/` with one subclass: the model-level engine
+(`qjax.quantize_model`) and the rules find it by its `name`.
+"""
+
+from __future__ import annotations
+
+import abc
+import functools
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from qjax.alphabets import Alphabet, AnyAlphabet
+from qjax.checks import check_alphabet, check_finite
+from qjax.stats import GramStats
+
+__all__ = ["QuantizationMethod", "get", "names"]
+
+_REGISTRY: dict[str, type[QuantizationMethod]] = {}
+
+
+class QuantizationMethod(abc.ABC):
+    """Base class of the methods (subclasses are frozen dataclasses).
+
+    Class attributes:
+      name: the method's name in rules, reports and results ("gpfq", "gptq", ...).
+      uses_float_inputs: whether the method reads H = X~ᵀX (it matches the float network's output
+        XW, as GPFQ does) or only G = X~ᵀX~ (it matches X~W, as GPTQ does).
+    """
+
+    name: ClassVar[str]
+    uses_float_inputs: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            _REGISTRY[cls.name] = cls
+
+    @abc.abstractmethod
+    def quantize_matrix(self, w: jax.Array, stats: GramStats, alphabet: AnyAlphabet) -> jax.Array:
+        """Q for one matrix: w (N0, N1), stats of shape (N0, N0), alphabet for this matrix."""
+
+    def quantize(self, w: ArrayLike, stats: GramStats, alphabet: AnyAlphabet) -> jax.Array:
+        """Quantizes w, shape batch_shape + (N0, N1), from statistics of shape batch_shape + (N0, N0).
+
+        Args:
+          w: the weights W (Flax layout: inputs × neurons), with optional leading batch axes.
+          stats: `GramStats` of the layer's calibration inputs.
+          alphabet: the alphabet A: per tensor, per neuron (N1,), group-wise (⌈N0/g⌉, N1), each
+            with the batch axes in front where they differ per batch entry.
+
+        Returns:
+          Q, same shape and dtype as w, every entry a letter of A.
+        """
+        w = jnp.asarray(w)
+        if not jnp.issubdtype(w.dtype, jnp.floating):
+            raise ValueError(f"w must be a floating-point array, got dtype {w.dtype}")
+        if w.ndim < 2 or stats.gram.shape != (*w.shape[:-1], w.shape[-2]):
+            raise ValueError(
+                f"w has shape {w.shape} (batch_shape + (N0, N1)) but the statistics are for "
+                f"batch_shape + (N0, N0) = {stats.gram.shape}"
+            )
+        check_alphabet(alphabet)
+        check_finite("w", w)
+        check_finite("stats.gram", stats.gram)
+        check_finite("stats.cross", stats.cross)
+        q = _quantize_batched(self, w.astype(stats.gram.dtype), stats, alphabet)
+        return q.astype(w.dtype)
+
+
+def batch_axes(alphabet: AnyAlphabet, batch_ndim: int):
+    """vmap axes of an alphabet's leaves over one leading batch axis (None: shared)."""
+    if isinstance(alphabet, Alphabet):
+        base = 2  # letters (N1, n)
+    elif getattr(alphabet, "group_size", None) is not None:
+        base = 2  # step (G, N1)
+    else:
+        base = 1  # step (N1,) or a scalar
+    return jax.tree.map(lambda leaf: 0 if jnp.ndim(leaf) >= base + batch_ndim else None, alphabet)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _quantize_batched(method: QuantizationMethod, w, stats: GramStats, alphabet):
+    quantize = method.quantize_matrix
+    for level in range(w.ndim - 2):
+        axes = batch_axes(alphabet, level + 1)
+        stats_axes = GramStats(0, 0, None, None if stats.float_gram is None else 0)
+        quantize = jax.vmap(quantize, in_axes=(0, stats_axes, axes))
+    return quantize(w, stats, alphabet)
+
+
+def get(method: str | QuantizationMethod) -> QuantizationMethod:
+    """A method object: `method` itself, or the default-configured method of that name."""
+    if isinstance(method, QuantizationMethod):
+        return method
+    if isinstance(method, str) and method in _REGISTRY:
+        return _REGISTRY[method]()
+    raise ValueError(f"unknown quantization method {method!r}; known: {names()}")
+
+
+def names() -> list[str]:
+    """The registered methods' names."""
+    return sorted(_REGISTRY)
