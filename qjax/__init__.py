@@ -38,7 +38,8 @@ from qjax.methods import (
     gptq_from_stats,
     msq,
 )
-from qjax.model_quant import LayerReport, LayerSpec, format_report, quantize_model
+from qjax.engine import LayerReport, format_report, quantize_model
+from qjax.rules import LayerSpec, Rules
 from qjax.stats import GramStats, gram_stats, gram_stats_init, gram_stats_update, relative_error
 from qjax.transforms import (
     ProxQuantState,

@@ -1,0 +1,179 @@
+"""The Flax Linen adapter: layers found and inputs captured with method interceptors.
+
+`nn.Dense`, `nn.DenseGeneral` (without `batch_dims`), `nn.Einsum` and `nn.Conv` are quantizable,
+also when applied under `nn.scan` (stacked kernels). A layer's path is its module path, e.g.
+"Block_0/MultiHeadDotProductAttention_0/query"; its kernel is `variables["params"][path]["kernel"]`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import flax.errors
+import flax.linen as nn
+import jax
+import numpy as np
+
+from qjax import layers as kinds
+from qjax.adapters.base import Adapter, Layer, StackedInputs
+from qjax.patches import ConvGeometry
+
+__all__ = ["LinenAdapter"]
+
+
+def _kind(module: nn.Module, kernel_shape: tuple[int, ...]) -> kinds.LayerKind | str:
+    """The layer kind of a Linen module, or why it has none."""
+    if isinstance(module, nn.Dense):
+        return kinds.Dense()
+    if isinstance(module, nn.DenseGeneral):
+        if module.batch_dims:
+            return "is an nn.DenseGeneral with batch_dims (not supported)"
+        axis = (module.axis,) if isinstance(module.axis, int) else tuple(module.axis)
+        return kinds.General(
+            in_shape=tuple(kernel_shape[: len(axis)]),
+            out_shape=tuple(kernel_shape[len(axis) :]),
+            axis=axis,
+        )
+    if isinstance(module, nn.Einsum):
+        return kinds.Einsum(module.einsum_str.replace(" ", ""), tuple(kernel_shape))
+    if isinstance(module, nn.Conv):
+        return kinds.Conv(ConvGeometry.from_module(module))
+    return f"is a {type(module).__name__}"
+
+
+class LinenAdapter(Adapter):
+    """A Linen module with its variables.
+
+    Args:
+      model: the Linen module.
+      variables: its variables ({"params": ..., "batch_stats": ..., ...}).
+      apply_kwargs: keyword arguments of every `model.apply` (e.g. {"train": False}).
+    """
+
+    def __init__(self, model: nn.Module, variables: Mapping[str, Any], apply_kwargs=None):
+        if not isinstance(variables, Mapping) or "params" not in variables:
+            keys = list(variables) if isinstance(variables, Mapping) else type(variables).__name__
+            raise ValueError(f"variables must have a 'params' collection, got {keys}")
+        self.model = model
+        self._variables = variables
+        self.apply_kwargs = tuple(sorted(dict(apply_kwargs or {}).items()))
+        self._keys: dict[str, tuple[str, ...]] = {}
+
+    @property
+    def state(self):
+        return self._variables
+
+    def layers(self, batch) -> list[Layer]:
+        calls: dict[tuple[str, ...], tuple[nn.Module, tuple[int, ...]]] = {}
+        counts: dict[tuple[str, ...], int] = {}
+
+        def record(next_fun, args, kwargs, context):
+            if context.method_name == "__call__":
+                module = context.module
+                params = module.variables.get("params", {})
+                if "kernel" in params:
+                    path = tuple(module.path)
+                    calls.setdefault(path, (module, tuple(np.shape(params["kernel"]))))
+                    counts[path] = counts.get(path, 0) + 1
+            return next_fun(*args, **kwargs)
+
+        apply = functools.partial(self.model.apply, **dict(self.apply_kwargs))
+        try:
+            with nn.intercept_methods(record):
+                jax.eval_shape(apply, self._variables, batch)
+        except (TypeError, ValueError, flax.errors.FlaxError) as error:
+            raise ValueError(
+                f"calibration batches of shape {np.shape(batch)} do not fit the model: {error}"
+            ) from error
+
+        found = []
+        kernel_paths = {
+            path[:-1]: leaf.shape
+            for path, leaf in _flat(self._variables["params"]).items()
+            if path[-1] == "kernel"
+        }
+        for path, (module, seen_shape) in calls.items():
+            if path not in kernel_paths:
+                continue
+            stored = kernel_paths[path]
+            stack = tuple(stored[: len(stored) - len(seen_shape)])
+            kind = _kind(module, seen_shape)
+            problem = kind if isinstance(kind, str) else None
+            if not stack and counts[path] > 1:
+                problem = "is called more than once (shared layers are not supported)"
+            name = "/".join(path)
+            self._keys[name] = path
+            found.append(
+                Layer(
+                    name,
+                    None if isinstance(kind, str) else kind,
+                    type(module).__name__,
+                    stack,
+                    problem,
+                )
+            )
+        for path in sorted(set(kernel_paths) - set(calls)):
+            name = "/".join(path)
+            self._keys[name] = path
+            found.append(Layer(name, None, "?", (), "is never called"))
+        return found
+
+    def kernel(self, state, layer: Layer) -> jax.Array:
+        node = state["params"]
+        for key in self._keys[layer.path]:
+            node = node[key]
+        return node["kernel"]
+
+    def with_kernel(self, state, layer: Layer, kernel: jax.Array):
+        target = ("params", *self._keys[layer.path], "kernel")
+
+        def replace(keypath, leaf):
+            return kernel if tuple(k.key for k in keypath) == target else leaf
+
+        return jax.tree_util.tree_map_with_path(replace, state)
+
+    def inputs(self, state, layer: Layer, index, batch) -> jax.Array:
+        path = self._keys[layer.path]
+        if not layer.stack_shape:
+            return _layer_input(self.model, path, self.apply_kwargs, state, batch)
+        flat = int(np.ravel_multi_index(index, layer.stack_shape))
+        run = lambda: _stacked_pass(self.model, path, self.apply_kwargs, state, batch)
+        return jax.numpy.asarray(StackedInputs.collect(run, flat))
+
+    def result(self, state):
+        return state
+
+
+def _flat(tree) -> dict[tuple[str, ...], Any]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {tuple(str(k.key) for k in keypath): leaf for keypath, leaf in leaves}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _layer_input(model, path, apply_kwargs, variables, batch):
+    """The input of the layer at `path` on one batch (compiled once per layer)."""
+    captured = []
+
+    def capture(next_fun, args, kwargs, context):
+        if context.method_name == "__call__" and tuple(context.module.path) == path:
+            captured.append(args[0])
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(capture):
+        model.apply(variables, batch, **dict(apply_kwargs))
+    return captured[0]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _stacked_pass(model, path, apply_kwargs, variables, batch):
+    """A forward pass sending every input of the stacked layer at `path` to `StackedInputs`."""
+
+    def capture(next_fun, args, kwargs, context):
+        if context.method_name == "__call__" and tuple(context.module.path) == path:
+            StackedInputs.record(args[0])
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(capture):
+        model.apply(variables, batch, **dict(apply_kwargs))

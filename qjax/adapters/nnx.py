@@ -1,0 +1,232 @@
+"""The Flax NNX adapter: layers found and inputs captured by recording their calls.
+
+`nnx.Linear`, `nnx.LinearGeneral` (without `batch_axis`), `nnx.Einsum` and `nnx.Conv` are
+quantizable, also inside `nnx.scan` over modules created with `nnx.vmap` (stacked kernels). A
+layer's path is its attribute path in the module graph, e.g. "blocks/attn/query" or
+"layers/0/mlp/fc1" (the same names as in `nnx.state(module)`, without "kernel").
+
+The adapter never touches the user's module: it works on a copy in evaluation mode
+(`Module.eval()`: dropout off, BatchNorm on running statistics), in which every quantizable
+layer carries its path as a static attribute, so that the layer can be recognised inside
+`nnx.scan`, where NNX rebuilds modules from their graph definition.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from qjax import layers as kinds
+from qjax.adapters.base import Adapter, Layer, StackedInputs
+from qjax.patches import ConvGeometry
+from qjax.rules import path_name
+
+__all__ = ["NNXAdapter"]
+
+_PATH_ATTRIBUTE = "_qjax_path"
+_LAYER_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv)
+
+
+def _kind(module: nnx.Module, kernel_shape, call_kwargs) -> kinds.LayerKind | str:
+    if isinstance(module, nnx.Linear):
+        return kinds.Dense()
+    if isinstance(module, nnx.LinearGeneral):
+        if module.batch_axis:
+            return "is an nnx.LinearGeneral with batch_axis (not supported)"
+        n_in = len(module.in_features)
+        return kinds.General(
+            in_shape=tuple(kernel_shape[:n_in]),
+            out_shape=tuple(kernel_shape[n_in:]),
+            axis=tuple(module.axis),
+        )
+    if isinstance(module, nnx.Einsum):
+        spec = call_kwargs.get("einsum_str") or module.einsum_str
+        return kinds.Einsum(spec.replace(" ", ""), tuple(kernel_shape))
+    if isinstance(module, nnx.Conv):
+
+        def tupled(value):
+            return () if value is None else value
+
+        return kinds.Conv(
+            ConvGeometry(
+                kernel_size=tuple(kernel_shape[:-2]),
+                strides=tupled(module.strides),
+                padding=module.padding,
+                input_dilation=tupled(module.input_dilation),
+                kernel_dilation=tupled(module.kernel_dilation),
+                feature_group_count=module.feature_group_count,
+            )
+        )
+    return f"is a {type(module).__name__}"
+
+
+@contextlib.contextmanager
+def _recording(hook):
+    """Makes every call of a quantizable NNX layer call `hook(module, args, kwargs)` first."""
+    originals = {cls: cls.__call__ for cls in _LAYER_TYPES}
+
+    def wrap(cls):
+        original = originals[cls]
+
+        @functools.wraps(original)
+        def call(self, *args, **kwargs):
+            hook(self, args, kwargs)
+            return original(self, *args, **kwargs)
+
+        return call
+
+    try:
+        for cls in _LAYER_TYPES:
+            cls.__call__ = wrap(cls)
+        yield
+    finally:
+        for cls, original in originals.items():
+            cls.__call__ = original
+
+
+def _value(variable) -> jax.Array:
+    return variable.get_value() if hasattr(variable, "get_value") else variable.value
+
+
+class NNXAdapter(Adapter):
+    """An NNX module (left untouched: the adapter works on a tagged copy).
+
+    Args:
+      module: the NNX module.
+      call_kwargs: keyword arguments of every call `module(batch, **call_kwargs)`.
+    """
+
+    def __init__(self, module: nnx.Module, call_kwargs=None):
+        if not isinstance(module, nnx.Module):
+            raise ValueError(f"expected an nnx.Module, got {type(module).__name__}")
+        copy = nnx.clone(module)
+        if hasattr(copy, "eval"):
+            copy.eval()
+        self._paths: dict[str, tuple[Any, ...]] = {}
+        for keypath, sub in nnx.iter_graph(copy):
+            if isinstance(sub, nnx.Module) and hasattr(sub, "kernel"):
+                name = path_name(keypath)
+                object.__setattr__(sub, _PATH_ATTRIBUTE, name)
+                self._paths[name] = tuple(keypath)
+        self.graphdef, self._state = nnx.split(copy)
+        self.call_kwargs = tuple(sorted(dict(call_kwargs or {}).items()))
+
+    @property
+    def state(self):
+        return self._state
+
+    def layers(self, batch) -> list[Layer]:
+        calls: dict[str, tuple[nnx.Module, tuple[int, ...], dict]] = {}
+        counts: dict[str, int] = {}
+
+        def hook(module, args, kwargs):
+            name = getattr(module, _PATH_ATTRIBUTE, None)
+            if name is not None:
+                shape = tuple(np.shape(_value(module.kernel)))
+                calls.setdefault(name, (module, shape, dict(kwargs)))
+                counts[name] = counts.get(name, 0) + 1
+
+        def forward(state, batch):
+            return nnx.merge(self.graphdef, state)(batch, **dict(self.call_kwargs))
+
+        try:
+            with _recording(hook):
+                jax.eval_shape(forward, self._state, batch)
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"calibration batches of shape {np.shape(batch)} do not fit the model: {error}"
+            ) from error
+
+        found = []
+        for name, (module, seen_shape, kwargs) in calls.items():
+            stored = tuple(np.shape(self._variable(self._state, name)))
+            stack = stored[: len(stored) - len(seen_shape)]
+            kind = _kind(module, seen_shape, kwargs)
+            problem = kind if isinstance(kind, str) else None
+            if not stack and counts[name] > 1:
+                problem = "is called more than once (shared layers are not supported)"
+            found.append(
+                Layer(
+                    name,
+                    None if isinstance(kind, str) else kind,
+                    type(module).__name__,
+                    stack,
+                    problem,
+                )
+            )
+        for name in self._paths:
+            if name not in calls:
+                found.append(Layer(name, None, "?", (), "is never called"))
+        return found
+
+    def _variable(self, state, path: str) -> nnx.Variable:
+        node = state
+        for key in self._paths[path]:
+            node = node[key]
+        return node["kernel"]
+
+    def kernel(self, state, layer: Layer) -> jax.Array:
+        return _value(self._variable(state, layer.path))
+
+    def with_kernel(self, state, layer: Layer, kernel: jax.Array):
+        target = self._variable(state, layer.path)
+
+        def replace(leaf):
+            if leaf is target:
+                return leaf.replace(kernel)
+            return leaf
+
+        return jax.tree.map(replace, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+    def inputs(self, state, layer: Layer, index, batch) -> jax.Array:
+        if not layer.stack_shape:
+            with _recording(_capture_hook):
+                return _layer_input(self.graphdef, layer.path, self.call_kwargs, state, batch)
+        flat = int(np.ravel_multi_index(index, layer.stack_shape))
+
+        def run():
+            with _recording(_capture_hook):
+                _stacked_pass(self.graphdef, layer.path, self.call_kwargs, state, batch)
+
+        return jax.numpy.asarray(StackedInputs.collect(run, flat))
+
+    def result(self, state) -> nnx.Module:
+        return nnx.merge(self.graphdef, state)
+
+
+class _Target:
+    """The layer being captured during one trace, and what it received."""
+
+    path: str | None = None
+    stacked: bool = False
+    captured: list = []  # noqa: RUF012
+
+
+def _capture_hook(module, args, kwargs):
+    if getattr(module, _PATH_ATTRIBUTE, None) == _Target.path:
+        if _Target.stacked:
+            StackedInputs.record(args[0])
+        else:
+            _Target.captured.append(args[0])
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _layer_input(graphdef, path, call_kwargs, state, batch):
+    """The input of the layer at `path` on one batch (compiled once per layer)."""
+    _Target.path, _Target.stacked, _Target.captured = path, False, []
+    nnx.merge(graphdef, state)(batch, **dict(call_kwargs))
+    captured, _Target.captured, _Target.path = _Target.captured, [], None
+    return captured[0]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _stacked_pass(graphdef, path, call_kwargs, state, batch):
+    """A forward pass sending every input of the stacked layer at `path` to `StackedInputs`."""
+    _Target.path, _Target.stacked = path, True
+    nnx.merge(graphdef, state)(batch, **dict(call_kwargs))
+    _Target.path = None

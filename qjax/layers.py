@@ -1,0 +1,189 @@
+"""Layer kinds: how a layer's kernel is a weight matrix W (N0 × N1) and its inputs are rows of X.
+
+Every quantizable layer multiplies its input by a kernel along some contracted axes. qjax
+quantizes the matrix view of that product: W has the contracted axes as its N0 inputs and the
+kernel's other axes as its N1 neurons, and X has one row per position of the input (batch,
+sequence, image position) with the contracted axes as columns. Kernel axes that are also in the
+output but are not contracted (an einsum's per-head axis, a convolution's feature groups) are
+batch axes: one independent matrix each.
+
+The kinds are framework-free frozen dataclasses (hashable, so they key compilation); the Linen
+and NNX adapters (`qjax.adapters`) build them from the modules they find:
+
+* `Dense`: kernel (N0, N1), input (..., N0): `nn.Dense`, `nnx.Linear`.
+* `General`: kernel (*in_shape, *out_shape) contracting the input axes `axis`:
+  `nn.DenseGeneral`, `nnx.LinearGeneral` (attention q/k/v (d, heads, head_dim) and out
+  (heads, head_dim, d) projections).
+* `Einsum`: kernel and input contracted by an einsum string: `nn.Einsum`, `nnx.Einsum`.
+* `Conv`: kernel (*window, cin/groups, cout), inputs as image patches: `nn.Conv`, `nnx.Conv`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from qjax.patches import ConvGeometry, conv_patches, kernel_to_matrix, matrix_to_kernel
+
+__all__ = ["Conv", "Dense", "Einsum", "General", "LayerKind"]
+
+
+class LayerKind:
+    """Base of the layer kinds: kernel ↔ matrices batch + (N0, N1), input → rows batch + (m, N0)."""
+
+    name: str = "layer"
+
+    def to_matrix(self, kernel: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+    def from_matrix(self, matrix: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+    def rows(self, x: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class Dense(LayerKind):
+    """y = x·W with W (N0, N1) and x (..., N0)."""
+
+    name = "Dense"
+
+    def to_matrix(self, kernel):
+        return kernel
+
+    def from_matrix(self, matrix):
+        return matrix
+
+    def rows(self, x):
+        return x.reshape(-1, x.shape[-1])
+
+
+@dataclasses.dataclass(frozen=True)
+class General(LayerKind):
+    """A kernel (*in_shape, *out_shape) contracting the input axes `axis` (in that order).
+
+    Attributes:
+      in_shape: the contracted axes' sizes (their product is N0).
+      out_shape: the output feature axes' sizes (their product is N1).
+      axis: the contracted axes of the input, negative (counted from the end).
+    """
+
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    axis: tuple[int, ...]
+    name = "DenseGeneral"
+
+    def to_matrix(self, kernel):
+        return kernel.reshape(math.prod(self.in_shape), math.prod(self.out_shape))
+
+    def from_matrix(self, matrix):
+        return matrix.reshape(*self.in_shape, *self.out_shape)
+
+    def rows(self, x):
+        axes = [a % x.ndim for a in self.axis]
+        rest = [a for a in range(x.ndim) if a not in axes]
+        return jnp.transpose(x, rest + axes).reshape(-1, math.prod(self.in_shape))
+
+
+@dataclasses.dataclass(frozen=True)
+class Einsum(LayerKind):
+    """out = einsum(spec, x, kernel), spec "inputs,kernel->output" (e.g. "bsd,dhk->bshk").
+
+    Kernel axes in the input but not the output are contracted (N0); kernel axes in the output
+    but not the input are neurons (N1); kernel axes in both are batch axes (one matrix each).
+
+    Attributes:
+      spec: the einsum string, without spaces; "..." stands for leading input axes.
+      kernel_shape: the kernel's shape.
+    """
+
+    spec: str
+    kernel_shape: tuple[int, ...]
+    name = "Einsum"
+
+    def __post_init__(self):
+        self._parts()  # validate
+
+    def _parts(self):
+        spec = self.spec.replace(" ", "")
+        try:
+            operands, output = spec.split("->")
+            x_letters, kernel_letters = operands.split(",")
+        except ValueError:
+            raise ValueError(
+                f"einsum {self.spec!r} is not of the form 'inputs,kernel->output'"
+            ) from None
+        if "..." in kernel_letters:
+            raise ValueError(f"einsum {self.spec!r}: the kernel operand cannot use '...'")
+        if len(kernel_letters) != len(self.kernel_shape):
+            raise ValueError(
+                f"einsum {self.spec!r} names {len(kernel_letters)} kernel axes for a kernel of "
+                f"shape {self.kernel_shape}"
+            )
+        x_set = set(x_letters.replace("...", ""))
+        out_set = set(output.replace("...", ""))
+        contracted = [c for c in kernel_letters if c in x_set and c not in out_set]
+        batch = [c for c in kernel_letters if c in x_set and c in out_set]
+        neurons = [c for c in kernel_letters if c not in x_set and c in out_set]
+        lonely = [c for c in kernel_letters if c not in x_set and c not in out_set]
+        if lonely or not contracted or not neurons:
+            raise ValueError(
+                f"einsum {self.spec!r} is not a weight contraction qjax can quantize: it needs "
+                "kernel axes contracted with the input and kernel axes in the output"
+            )
+        return x_letters, kernel_letters, batch, contracted, neurons
+
+    def _sizes(self, letters):
+        _, kernel_letters, *_ = self._parts()
+        return [self.kernel_shape[kernel_letters.index(c)] for c in letters]
+
+    def to_matrix(self, kernel):
+        _, kernel_letters, batch, contracted, neurons = self._parts()
+        order = [kernel_letters.index(c) for c in batch + contracted + neurons]
+        shape = (*self._sizes(batch), math.prod(self._sizes(contracted)), -1)
+        return jnp.transpose(kernel, order).reshape(shape)
+
+    def from_matrix(self, matrix):
+        _, kernel_letters, batch, contracted, neurons = self._parts()
+        letters = batch + contracted + neurons
+        kernel = matrix.reshape(self._sizes(letters))
+        return jnp.transpose(kernel, [letters.index(c) for c in kernel_letters])
+
+    def rows(self, x):
+        x_letters, _, batch, contracted, _ = self._parts()
+        if "..." in x_letters:
+            named = len(x_letters.replace("...", ""))
+            ellipsis = "".join(chr(0x100 + i) for i in range(x.ndim - named))
+            x_letters = x_letters.replace("...", ellipsis)
+        if len(x_letters) != x.ndim:
+            raise ValueError(f"einsum {self.spec!r} does not fit an input of shape {x.shape}")
+        other = [c for c in x_letters if c not in batch and c not in contracted]
+        order = [x_letters.index(c) for c in batch + other + contracted]
+        batch_sizes = [x.shape[x_letters.index(c)] for c in batch]
+        n0 = math.prod(x.shape[x_letters.index(c)] for c in contracted)
+        return jnp.transpose(x, order).reshape(*batch_sizes, -1, n0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Conv(LayerKind):
+    """A convolution: each feature group is a matrix over the image patches its kernel sees.
+
+    Attributes:
+      geometry: the convolution's `ConvGeometry` (window, strides, padding, dilations, groups).
+    """
+
+    geometry: ConvGeometry
+    name = "Conv"
+
+    def to_matrix(self, kernel):
+        return kernel_to_matrix(kernel, self.geometry)
+
+    def from_matrix(self, matrix):
+        return matrix_to_kernel(matrix, self.geometry)
+
+    def rows(self, x):
+        return conv_patches(x, self.geometry)
