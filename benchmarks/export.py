@@ -63,7 +63,7 @@ def make_bench(name: str, batch_size: int) -> Bench:
         return Bench(cnn.CNN(), _images((batch_size, 32, 32, 3)), {"train": False}, kernels)
     if name == "resnet20":
         # ProxQuant keeps the first layer, the shortcut convolutions and the classifier in float.
-        mask = transforms.mask_by_path(exclude=["shortcut", "^conv_init/", "^head/"])
+        mask = transforms.mask_by_path(exclude=[".*shortcut.*", "conv_init/.*", "head/.*"])
         return Bench(resnet.ResNet20(), _images((batch_size, 32, 32, 3)), {"train": False}, mask)
     if name == "lstm":
         model = lstm.LSTMLanguageModel(vocab_size=10_000)

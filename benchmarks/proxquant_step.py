@@ -52,8 +52,10 @@ def main(argv):
     variables = model.init(key_init, images[:1], train=False)
     params, batch_stats = variables["params"], variables["batch_stats"]
     schedule = qjax.linear_reg_schedule(learning_rate=0.01, reg=1e-4, steps_per_epoch=390)
-    binary_mask = qjax.mask_by_path(r"kernel$", exclude=["shortcut"])
-    ternary_mask = qjax.mask_by_path(r"kernel$", exclude=["shortcut", "^conv_init/", "^head/"])
+    binary_mask = qjax.mask_by_path(r".*/kernel", exclude=[".*shortcut.*"])
+    ternary_mask = qjax.mask_by_path(
+        r".*/kernel", exclude=[".*shortcut.*", "conv_init/.*", "head/.*"]
+    )
     optimizers = {
         "adam": optax.adam(0.01),
         "adam + prox_quant binary": optax.chain(

@@ -2,31 +2,42 @@
 
 Two published methods:
 
-* GPFQ, greedy path-following quantization (Lybrand & Saab), post-training: `gpfq_layer`,
-  `gpfq_conv`, the streaming `gram_stats_update` + `gpfq_from_stats`, and `quantize_model` for
-  whole Flax models; the baselines `msq` (rounding) and `gptq_from_stats` (GPTQ).
+* GPFQ, greedy path-following quantization (Lybrand & Saab), post-training, with the baselines
+  GPTQ and MSQ (round to nearest): method objects (`GPFQ`, `GPTQ`, `MSQ`) over streamed
+  statistics (`gram_stats_update`), the layer-level `gpfq_layer` / `gpfq_conv`, and
+  `quantize_model` for whole Flax Linen and NNX models (Dense, DenseGeneral, Einsum, Conv,
+  attention, scanned stacks), driven by ordered `rules` of `LayerSpec`s.
 * ProxQuant (Bai, Wang & Liberty, ICLR 2019), quantization-aware training as optax transforms:
   `prox_quant` (last link of an `optax.chain`), the BinaryConnect baseline `straight_through`
   + `clip_params`, `hard_quantize` and `reestimate_batch_stats` for the end of training.
 
-Submodules: `alphabets`, `patches`, `prox`, `transforms`, `batchnorm`, `metrics`, `data`, `models`,
-`sharding` (GPFQ over a device mesh) and `export` (packed integer codes, checkpoints).
+Throughout, `bits` = b means alphabets of 2^b letters, and paths are "a/b/c" strings matched
+whole by regular expressions (`qjax.rules`).
+
+Submodules: `alphabets`, `stats`, `methods`, `layers`, `adapters`, `rules`, `engine`, `patches`,
+`prox`, `transforms`, `batchnorm`, `metrics`, `data`, `models`, `export`.
 """
 
 from qjax import (
+    adapters,
     alphabets,
     batchnorm,
     data,
+    engine,
     export,
+    layers,
     methods,
     metrics,
     models,
     patches,
     prox,
+    rules,
     sharding,
+    stats,
     transforms,
 )
 from qjax.batchnorm import reestimate_batch_stats
+from qjax.engine import LayerReport, format_report, quantize_model
 from qjax.methods import (
     GPFQ,
     GPTQ,
@@ -38,7 +49,6 @@ from qjax.methods import (
     gptq_from_stats,
     msq,
 )
-from qjax.engine import LayerReport, format_report, quantize_model
 from qjax.rules import LayerSpec, Rules
 from qjax.stats import GramStats, gram_stats, gram_stats_init, gram_stats_update, relative_error
 from qjax.transforms import (
@@ -52,17 +62,24 @@ from qjax.transforms import (
     straight_through,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
+    "GPFQ",
+    "GPTQ",
+    "MSQ",
     "GramStats",
     "LayerReport",
     "LayerSpec",
     "ProxQuantState",
+    "QuantizationMethod",
+    "Rules",
+    "adapters",
     "alphabets",
     "batchnorm",
     "clip_params",
     "data",
+    "engine",
     "export",
     "format_report",
     "gpfq_conv",
@@ -73,8 +90,10 @@ __all__ = [
     "gram_stats_init",
     "gram_stats_update",
     "hard_quantize",
+    "layers",
     "linear_reg_schedule",
     "mask_by_path",
+    "methods",
     "metrics",
     "models",
     "msq",
@@ -85,7 +104,9 @@ __all__ = [
     "quantize_model",
     "reestimate_batch_stats",
     "relative_error",
+    "rules",
     "sharding",
+    "stats",
     "straight_through",
     "transforms",
 ]

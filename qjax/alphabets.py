@@ -308,9 +308,8 @@ def _check_scale_options(w: jax.Array, rule: str, per_channel: bool, group_size)
         raise ValueError(f"w must be a non-empty array, got shape {w.shape}")
     if rule not in _STATISTICS:
         raise ValueError(f"unknown scale rule {rule!r}; expected one of {sorted(_STATISTICS)}")
-    if group_size is not None:
-        if not isinstance(group_size, int | np.integer) or group_size < 1:
-            raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+    if group_size is not None and (not isinstance(group_size, int | np.integer) or group_size < 1):
+        raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
 
 
 def _reduce(magnitudes: jax.Array, rule: str, per_tensor: bool) -> jax.Array:

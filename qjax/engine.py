@@ -35,7 +35,7 @@ from qjax.adapters.linen import LinenAdapter
 from qjax.adapters.nnx import NNXAdapter
 from qjax.layers import LayerKind
 from qjax.methods.msq import MSQ
-from qjax.rules import LayerSpec, Rules
+from qjax.rules import DEFAULT_SPEC, LayerSpec, Rules
 from qjax.stats import GramStats, accumulate, gram_stats_init, relative_error
 
 __all__ = ["LayerReport", "format_report", "quantize_model"]
@@ -124,9 +124,7 @@ def _adapter(model, args, apply_kwargs) -> tuple[Adapter, Calibration]:
                 f"...): got {len(args)} positional arguments after the model"
             )
         return LinenAdapter(model, args[0], apply_kwargs), args[1]
-    raise ValueError(
-        f"quantize_model takes a Flax Linen or NNX module, got {type(model).__name__}"
-    )
+    raise ValueError(f"quantize_model takes a Flax Linen or NNX module, got {type(model).__name__}")
 
 
 def _in_forward_order(found: Sequence[Layer]) -> list[tuple[Layer, tuple[int, ...]]]:
@@ -160,7 +158,7 @@ def _add_rows(kind: LayerKind, stats: GramStats, x, x_tilde) -> GramStats:
 def quantize_model(
     model: nn.Module | nnx.Module,
     *args: Any,
-    spec: LayerSpec = LayerSpec(),
+    spec: LayerSpec = DEFAULT_SPEC,
     rules: RulesLike | None = None,
     layers: RulesLike | None = None,
     apply_kwargs: Mapping[str, Any] | None = None,

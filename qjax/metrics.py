@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from qjax.transforms import Mask, path_names
+from qjax.rules import path_names
+from qjax.transforms import Mask
 
 __all__ = ["accuracy", "perplexity", "sign_change_fraction", "sign_changes"]
 

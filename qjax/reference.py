@@ -33,14 +33,15 @@ def gpfq_reference(
       w: (N0, N1) weights.
       x: (m, N0) inputs in the float network.
       x_tilde: (m, N0) inputs in the quantized network.
-      letters: the alphabet, shape (n,) for all neurons or (N1, n) per neuron, sorted.
+      letters: the alphabet, sorted: shape (n,) for all weights, (N1, n) per neuron, or
+        (N0, N1, n) per input and neuron (group-wise alphabets).
       dead_tol: relative threshold for dead inputs.
 
     Returns:
       Q, (N0, N1).
     """
     n0, n1 = w.shape
-    letters = np.broadcast_to(letters, (n1, np.shape(letters)[-1]))
+    letters = np.broadcast_to(letters, (n0, n1, np.shape(letters)[-1]))
     norms_sq = np.sum(x_tilde * x_tilde, axis=0)
     dead = norms_sq <= dead_tol * norms_sq.max()
     q = np.zeros_like(w)
@@ -49,6 +50,6 @@ def gpfq_reference(
         for t in range(n0):
             v = u + w[t, neuron] * x[:, t]
             argument = 0.0 if dead[t] else x_tilde[:, t] @ v / norms_sq[t]
-            q[t, neuron] = nearest_letter(argument, letters[neuron])
+            q[t, neuron] = nearest_letter(argument, letters[t, neuron])
             u = v - q[t, neuron] * x_tilde[:, t]
     return q

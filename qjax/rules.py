@@ -39,9 +39,9 @@ def path_name(keypath: Sequence[Any]) -> str:
                 break
         else:
             parts.append(str(key))
-    if len(parts) > 1 and isinstance(keypath[-1], jax.tree_util.GetAttrKey):
-        if parts[-1] in ("value", ".value"):  # an NNX Variable's value
-            parts.pop()
+    nnx_value = isinstance(keypath[-1], jax.tree_util.GetAttrKey) and parts[-1] == "value"
+    if len(parts) > 1 and nnx_value:  # an NNX Variable's value
+        parts.pop()
     return "/".join(parts)
 
 
@@ -144,6 +144,9 @@ class LayerSpec:
         return make(matrix)
 
 
+DEFAULT_SPEC = LayerSpec()
+
+
 class Rules:
     """An ordered list of (pattern, LayerSpec): a layer gets the spec of the first pattern that
     fully matches its path, else `default`.
@@ -157,7 +160,7 @@ class Rules:
         self,
         rules: Sequence[tuple[str, LayerSpec]] | Mapping[str, LayerSpec] | None = None,
         *,
-        default: LayerSpec = LayerSpec(),
+        default: LayerSpec = DEFAULT_SPEC,
     ):
         pairs = list(rules.items()) if isinstance(rules, Mapping) else list(rules or [])
         for pair in pairs:

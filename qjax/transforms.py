@@ -13,13 +13,12 @@ of θ to [−1, 1] (`clip_params`).
 
 Masks select the leaves that are quantized: pytrees of bools, or functions params ↦ bools as
 `optax.masked` takes them; `mask_by_path` builds one from regular expressions on parameter
-paths (the paper keeps BatchNorm, biases, 1×1 shortcuts and, for ternary, the first and last
-layers in float).
+paths ("a/b/kernel", matched whole, see `qjax.rules`; the paper keeps BatchNorm, biases, 1×1
+shortcuts and, for ternary, the first and last layers in float).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -29,6 +28,7 @@ import optax
 from jax.typing import ArrayLike
 
 from qjax.prox import Quantizer, get_quantizer
+from qjax.rules import compile_pattern, path_names, unmatched_patterns
 
 __all__ = [
     "ProxQuantState",
@@ -36,7 +36,6 @@ __all__ = [
     "hard_quantize",
     "linear_reg_schedule",
     "mask_by_path",
-    "path_names",
     "prox_quant",
     "quantization_error",
     "straight_through",
@@ -198,32 +197,19 @@ def hard_quantize(
     return jax.tree.map(lambda p, m: quantizer.project(p) if m else p, params, mask_tree)
 
 
-def path_names(params: Any) -> Any:
-    """A pytree of params' structure holding each leaf's path as 'a/b/c' (dict keys, indices)."""
-
-    def name(path):
-        parts = []
-        for key in path:
-            for attribute in ("key", "name", "idx"):
-                if hasattr(key, attribute):
-                    parts.append(str(getattr(key, attribute)))
-                    break
-        return "/".join(parts)
-
-    return jax.tree_util.tree_map_with_path(lambda path, _: name(path), params)
-
-
 def mask_by_path(
-    include: str = r"(kernel|embedding)$", exclude: Sequence[str] = ()
+    include: str = r"(.*/)?(kernel|embedding)", exclude: Sequence[str] = ()
 ) -> Callable[[Any], Any]:
     """A mask function: True at leaves whose path matches `include` and none of `exclude`.
 
-    Paths are 'a/b/c' strings (see `path_names`), matched with `re.search`. The default quantizes
-    every Dense/Conv kernel and Embed table and leaves biases and BatchNorm in float.
+    Paths are "a/b/c" strings (`qjax.rules.path_name`: Linen variables and NNX state alike) and a
+    pattern must match a whole path (`re.fullmatch`), as everywhere in qjax. The default quantizes
+    every Dense/Conv kernel and Embed table and leaves biases and normalization in float. A
+    pattern that matches no leaf of the params it is applied to raises a `ValueError`.
 
     Example (the paper's ternary mask for `qjax.models.resnet`)::
 
-        mask = mask_by_path(exclude=["shortcut", "^conv_init/", "^head/"])
+        mask = mask_by_path(r".*/kernel", exclude=[".*shortcut.*", "conv_init/.*", "head/.*"])
 
     Args:
       include: regular expression a quantized leaf's path must match.
@@ -232,16 +218,23 @@ def mask_by_path(
     Returns:
       params ↦ a bool pytree of params' structure, usable wherever a mask is taken.
     """
-    include_pattern = re.compile(include)
-    exclude_patterns = [re.compile(pattern) for pattern in exclude]
+    include_pattern = compile_pattern(include)
+    exclude_patterns = [compile_pattern(pattern) for pattern in exclude]
 
     def mask_fn(params):
+        names = path_names(params)
+        unmatched = unmatched_patterns([include, *exclude], jax.tree.leaves(names))
+        if unmatched:
+            raise ValueError(
+                f"mask pattern(s) {unmatched} match no parameter (patterns must match a whole "
+                f"path, re.fullmatch); parameters: {', '.join(jax.tree.leaves(names))}"
+            )
         return jax.tree.map(
             lambda name: (
-                bool(include_pattern.search(name))
-                and not any(pattern.search(name) for pattern in exclude_patterns)
+                bool(include_pattern.fullmatch(name))
+                and not any(pattern.fullmatch(name) for pattern in exclude_patterns)
             ),
-            path_names(params),
+            names,
         )
 
     return mask_fn

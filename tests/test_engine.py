@@ -137,7 +137,9 @@ def test_linen_and_nnx_transformers_get_the_same_codes(lm, method):
         for i in range(LAYERS)
     ]
     assert sorted(r.path for r in nnx_reports) == sorted([*expected, "head"])
-    np.testing.assert_array_equal(linen["embed/embedding"], variables["params"]["embed"]["embedding"])
+    np.testing.assert_array_equal(
+        linen["embed/embedding"], variables["params"]["embed"]["embedding"]
+    )
     for name, kernel in nnx_params.items():  # 3 bits: at most 8 letters per output channel
         if not name.endswith("kernel"):
             continue
@@ -160,7 +162,7 @@ def test_stacked_slices_are_quantized_in_order_with_their_own_inputs(lm):
     assert len({errors[f"blocks/query[{i}]"] for i in range(LAYERS)}) == LAYERS
     # Unroll: a model whose blocks are applied in a Python loop gets the same codes.
     unrolled = _Unrolled(module)
-    quantized_unrolled, unrolled_reports = qjax.quantize_model(
+    quantized_unrolled, _unrolled_reports = qjax.quantize_model(
         unrolled, calibration, spec=spec, progress=False
     )
     for i in range(LAYERS):
@@ -230,7 +232,7 @@ def test_unknown_method_name_raises_at_once():
 
 
 def test_bad_calibration_raises(lm):
-    model, variables, module, calibration = lm
+    model, _variables, module, calibration = lm
     with pytest.raises(ValueError, match="floating point inputs or integer token ids"):
         qjax.quantize_model(module, [calibration[0].astype(bool)], progress=False)
     with pytest.raises(ValueError, match="one-shot iterator"):

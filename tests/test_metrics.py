@@ -22,6 +22,8 @@ def test_sign_changes_bad_input():
     with pytest.raises(ValueError, match="structure"):
         metrics.sign_changes({"a": jnp.ones(2)}, {"b": jnp.ones(2)})
     with pytest.raises(ValueError, match="no parameters"):
+        metrics.sign_change_fraction({"bias": jnp.ones(2)}, {"bias": jnp.ones(2)}, mask=False)
+    with pytest.raises(ValueError, match="match no parameter"):
         metrics.sign_change_fraction(
             {"bias": jnp.ones(2)}, {"bias": jnp.ones(2)}, mask=transforms.mask_by_path()
         )

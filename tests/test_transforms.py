@@ -74,7 +74,7 @@ def test_mask_leaves_other_updates_unchanged_and_keeps_structure():
 
 
 def test_mask_by_path_exclude():
-    mask = transforms.mask_by_path(exclude=["^conv/"])
+    mask = transforms.mask_by_path(exclude=["conv/.*"])
     assert mask(PARAMS) == {"dense": {"kernel": True, "bias": False}, "conv": {"kernel": False}}
 
 

@@ -92,11 +92,11 @@ def quantizer_and_mask(
     """The method's quantizer and the mask of quantized kernels (paper: shortcuts stay float)."""
     if method in ("binaryconnect", "proxquant_binary"):
         return prox.binary_quantizer(), transforms.mask_by_path(
-            r"kernel$", exclude=config.binary_float_layers
+            r".*/kernel", exclude=config.binary_float_layers
         )
     if method == "proxquant_ternary":
         return prox.ternary_quantizer(), transforms.mask_by_path(
-            r"kernel$", exclude=config.ternary_float_layers
+            r".*/kernel", exclude=config.ternary_float_layers
         )
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
 

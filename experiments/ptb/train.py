@@ -36,8 +36,8 @@ from qjax import metrics, prox, transforms
 from qjax.models import lstm
 
 METHODS = ("proxquant", "straight_through")
-KERNELS = r"^(cell/[ih][ifgo]|decoder)/kernel$"
-EMBEDDING = r"^embed/embedding$"
+KERNELS = r"(cell/[ih][ifgo]|decoder)/kernel"
+EMBEDDING = r"embed/embedding"
 
 
 class TrainState(NamedTuple):

@@ -52,7 +52,7 @@ class QuantizationMethod(abc.ABC):
         """Q for one matrix: w (N0, N1), stats of shape (N0, N0), alphabet for this matrix."""
 
     def quantize(self, w: ArrayLike, stats: GramStats, alphabet: AnyAlphabet) -> jax.Array:
-        """Quantizes w, shape batch_shape + (N0, N1), from statistics of shape batch_shape + (N0, N0).
+        """Quantizes w, batch_shape + (N0, N1), from statistics of shape batch_shape + (N0, N0).
 
         Args:
           w: the weights W (Flax layout: inputs × neurons), with optional leading batch axes.

@@ -27,8 +27,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.bn_reestimation_batches = 100
     config.methods = ("binaryconnect", "proxquant_binary", "proxquant_ternary")
     # Kept in float: 1×1 projection shortcuts (binary); also the first conv and the head (ternary).
-    config.binary_float_layers = ("shortcut",)
-    config.ternary_float_layers = ("shortcut", "^conv_init/", "^head/")
+    config.binary_float_layers = (".*shortcut.*",)
+    config.ternary_float_layers = (".*shortcut.*", "conv_init/.*", "head/.*")
 
     config.warm = ml_collections.ConfigDict()
     config.warm.epochs = 200

@@ -1,4 +1,5 @@
-"""Tests for qjax.model_quant: the sequential wiring equals hand calls of the layer quantizers."""
+"""qjax.quantize_model on Linen models: the sequential wiring equals hand calls of the layer
+quantizers (Dense, Conv with groups and strides, BatchNorm in between)."""
 
 import flax.linen as nn
 import jax
@@ -7,8 +8,9 @@ import numpy as np
 import pytest
 
 import qjax
-from qjax import alphabets, models
-from qjax.model_quant import LayerSpec, format_report, quantize_model
+from qjax import LayerSpec, alphabets, format_report, models, quantize_model
+from qjax.adapters import linen as linen_adapter
+from qjax.engine import _add_rows
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,7 @@ def with_kernel(variables, name, kernel):
 
 def test_mlp_gpfq_equals_hand_calls(mlp):
     model, variables, x = mlp
-    spec = LayerSpec(method="gpfq", num_letters=3, c=2.0, rule="median")
+    spec = LayerSpec(method="gpfq", num_letters=3, c=2.0, rule="median", per_channel=False)
     quantized, reports = quantize_model(
         model, variables, [x[:40], x[40:]], spec=spec, progress=False
     )
@@ -72,7 +74,7 @@ def test_mlp_gpfq_equals_hand_calls(mlp):
 
 def test_mlp_msq_is_rounding_and_report(mlp):
     model, variables, x = mlp
-    spec = LayerSpec(method="msq", bits=3, per_channel=True)
+    spec = LayerSpec(method="msq", bits=3, c=1.0, rule="max", per_channel=True)
     quantized, reports = quantize_model(model, variables, x, spec=spec, progress=False)
     for layer in range(3):
         w = variables["params"][f"Dense_{layer}"]["kernel"]
@@ -81,9 +83,9 @@ def test_mlp_msq_is_rounding_and_report(mlp):
             quantized["params"][f"Dense_{layer}"]["kernel"], alphabet.project(w)
         )
     for r in reports:
-        assert r.method == "msq" and r.num_letters == 7
+        assert r.method == "msq" and r.num_letters == 8
         assert r.relative_error == pytest.approx(r.msq_relative_error)
-    assert "| Dense_1 | Dense | 12×8 | msq | 7 |" in format_report(reports)
+    assert "| Dense_1 | Dense | 12×8 | msq | 8 |" in format_report(reports)
 
 
 def test_skip_keeps_layer_float_and_pattern_order(mlp):
@@ -93,7 +95,10 @@ def test_skip_keeps_layer_float_and_pattern_order(mlp):
         variables,
         x,
         spec=LayerSpec(bits=2),
-        layers={"Dense_2": LayerSpec(method="skip"), "Dense_*": LayerSpec(method="gptq", bits=2)},
+        rules=[
+            ("Dense_2", LayerSpec(method="skip")),
+            ("Dense_.*", LayerSpec(method="gptq", bits=2)),
+        ],
         progress=False,
     )
     np.testing.assert_array_equal(
@@ -127,7 +132,7 @@ def test_cnn_equals_hand_calls(method):
     model = SmallCNN()
     x = jax.random.normal(jax.random.key(2), (10, 7, 7, 2))
     variables = model.init(jax.random.key(3), x)
-    spec = LayerSpec(method=method, bits=2, per_channel=True)
+    spec = LayerSpec(method=method, bits=2, c=1.0, rule="max", per_channel=True)
     quantized, reports = quantize_model(model, variables, x, spec=spec, progress=False)
 
     def inputs(v):
@@ -157,7 +162,7 @@ def test_cnn_equals_hand_calls(method):
                 groups = geometry.feature_group_count
                 step = alphabet.step.reshape(groups, -1)
                 q = qjax.patches.matrix_to_kernel(
-                    qjax.gptq.gptq_from_stats(
+                    qjax.gptq_from_stats(
                         qjax.patches.kernel_to_matrix(w, geometry),
                         qjax.gram_stats(patches, patches),
                         alphabets.UniformAlphabet(step, alphabet.size),
@@ -167,7 +172,7 @@ def test_cnn_equals_hand_calls(method):
         elif method == "gpfq":
             q = qjax.gpfq_layer(w, x_float, x_tilde, alphabet)
         else:
-            q = qjax.gptq.gptq_from_stats(w, qjax.gram_stats(x_tilde, x_tilde), alphabet)
+            q = qjax.gptq_from_stats(w, qjax.gram_stats(x_tilde, x_tilde), alphabet)
         np.testing.assert_allclose(quantized["params"][name]["kernel"], q, atol=1e-6)
         partial = with_kernel(partial, name, q)
     assert [r.kind for r in reports] == ["Conv", "Conv", "Dense"]
@@ -176,11 +181,18 @@ def test_cnn_equals_hand_calls(method):
     )
 
 
-class WithDenseGeneral(nn.Module):
+class Scale(nn.Module):
+    """A layer with a "kernel" that qjax does not know."""
+
     @nn.compact
     def __call__(self, x):
-        x = nn.DenseGeneral(4, name="proj")(x)
-        return nn.Dense(2)(x)
+        return x * self.param("kernel", nn.initializers.ones, (x.shape[-1],))
+
+
+class WithUnknownLayer(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(2)(Scale(name="proj")(x))
 
 
 class Shared(nn.Module):
@@ -193,7 +205,7 @@ class Shared(nn.Module):
 @pytest.mark.parametrize(
     ("model", "layer", "message"),
     [
-        (WithDenseGeneral(), "proj", "layer proj is a DenseGeneral"),
+        (WithUnknownLayer(), "proj", "layer proj is a Scale"),
         (Shared(), "twice", "layer twice is called more than once"),
     ],
     ids=["unknown-type", "shared"],
@@ -204,32 +216,36 @@ def test_unquantizable_layer_is_named_and_skippable(model, layer, message):
     with pytest.raises(ValueError, match=message):
         quantize_model(model, variables, x, progress=False)
     _, reports = quantize_model(
-        model, variables, x, layers={layer: LayerSpec(method="skip")}, progress=False
+        model, variables, x, rules=[(layer, LayerSpec(method="skip"))], progress=False
     )
     assert [(r.path, r.method) for r in reports] == [(layer, "skip"), ("Dense_0", "gpfq")]
 
 
 def test_bad_arguments(mlp):
     model, variables, x = mlp
-    with pytest.raises(ValueError, match="matches no layer"):
-        quantize_model(model, variables, x, layers={"Conv_*": LayerSpec()}, progress=False)
+    with pytest.raises(ValueError, match="match no layer"):
+        quantize_model(model, variables, x, rules={"Conv_.*": LayerSpec()}, progress=False)
+    with pytest.raises(ValueError, match="match no layer"):  # a glob is not a full-match regex
+        quantize_model(model, variables, x, layers={"Dense_*": LayerSpec()}, progress=False)
     with pytest.raises(ValueError, match="do not fit the model"):
         quantize_model(model, variables, jnp.ones((4, 15)), progress=False)
-    with pytest.raises(ValueError, match="floating point"):
-        quantize_model(model, variables, jnp.ones((4, 16), jnp.uint8), progress=False)
+    with pytest.raises(ValueError, match="floating point inputs or integer token ids"):
+        quantize_model(model, variables, jnp.ones((4, 4, 4, 1), bool), progress=False)
     with pytest.raises(ValueError, match="one-shot iterator"):
         quantize_model(model, variables, iter([x]), progress=False)
     with pytest.raises(ValueError, match="differs from the first batch"):
         quantize_model(model, variables, [x, jnp.ones((4, 5, 5, 1))], progress=False)
     with pytest.raises(ValueError, match="NaN"):
         quantize_model(model, variables, x.at[0, 0, 0, 0].set(jnp.nan), progress=False)
-    with pytest.raises(ValueError, match="method"):
+    with pytest.raises(ValueError, match="unknown quantization method 'round'"):
         LayerSpec(method="round")
+    with pytest.raises(ValueError, match="variables must have a 'params' collection"):
+        quantize_model(model, variables["params"], x, progress=False)
 
 
 def test_second_call_does_not_recompile(mlp):
     model, variables, x = mlp
     quantize_model(model, variables, x, spec=LayerSpec(bits=2), progress=False)
-    sizes = qjax.model_quant._input_rows._cache_size()
+    sizes = linen_adapter._layer_input._cache_size(), _add_rows._cache_size()
     quantize_model(model, variables, x, spec=LayerSpec(bits=3, c=0.5), progress=False)
-    assert qjax.model_quant._input_rows._cache_size() == sizes
+    assert (linen_adapter._layer_input._cache_size(), _add_rows._cache_size()) == sizes
