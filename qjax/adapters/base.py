@@ -93,7 +93,7 @@ class StackedInputs:
 
     @classmethod
     def collect(cls, run, flat_index: int) -> np.ndarray:
-        """Runs `run()`, a forward pass that calls `record`, and returns call `flat_index`'s input."""
+        """Runs `run()` (a forward pass calling `record`); returns call `flat_index`'s input."""
         with cls._lock:
             cls._calls.clear()
             run()
