@@ -233,7 +233,8 @@ def quantize_model(
             continue
         start = time.perf_counter()
         method = layer_spec.quantizer
-        matrix = layer.kind.to_matrix(kernel[index])
+        kind = layer_spec.layer_kind(layer.kind)
+        matrix = kind.to_matrix(kernel[index])
         stats_options = {} if mesh is None else {"mesh": mesh}
         stats = gram_stats_init(
             matrix.shape[-2],
@@ -246,19 +247,19 @@ def quantize_model(
             batch = _checked(batch, first.shape)
             x = adapter.inputs(float_state, layer, index, batch)
             x_tilde = adapter.inputs(current, layer, index, batch)
-            stats = _add_rows(layer.kind, stats, x, x_tilde)
+            stats = _add_rows(kind, stats, x, x_tilde)
         alphabet = layer_spec.make_alphabet(matrix)
         q = method.quantize(matrix, stats, alphabet)
         rounded = q if isinstance(method, MSQ) else MSQ().quantize(matrix, stats, alphabet)
         error = float(relative_error(matrix, q, stats))
         msq_error = float(relative_error(matrix, rounded, stats))
-        new_kernel = kernel.at[index].set(layer.kind.from_matrix(q).astype(kernel.dtype))
+        new_kernel = kernel.at[index].set(kind.from_matrix(q).astype(kernel.dtype))
         current = adapter.with_kernel(current, layer, new_kernel)
         seconds = time.perf_counter() - start
         reports.append(
             LayerReport(
                 name,
-                layer.kind.name,
+                kind.name,
                 method.name,
                 tuple(kernel.shape[len(layer.stack_shape) :]),
                 alphabet.size,

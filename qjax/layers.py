@@ -16,6 +16,9 @@ and NNX adapters (`qjax.adapters`) build them from the modules they find:
   (heads, head_dim, d) projections).
 * `Einsum`: kernel and input contracted by an einsum string: `nn.Einsum`, `nnx.Einsum`.
 * `Conv`: kernel (*window, cin/groups, cout), inputs as image patches: `nn.Conv`, `nnx.Conv`.
+  A neuron is an output channel over the whole patch (kh·kw·cin inputs; Zhang & Saab).
+* `ConvByChannel`: the same kernel, a neuron per (input channel, output channel) filter over
+  that input channel's kh·kw patch (the GPFQ paper's code); `LayerSpec(conv_neurons="channel")`.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import jax.numpy as jnp
 
 from qjax.patches import ConvGeometry, conv_patches, kernel_to_matrix, matrix_to_kernel
 
-__all__ = ["Conv", "Dense", "Einsum", "General", "LayerKind"]
+__all__ = ["Conv", "ConvByChannel", "Dense", "Einsum", "General", "LayerKind"]
 
 
 class LayerKind:
@@ -187,3 +190,37 @@ class Conv(LayerKind):
 
     def rows(self, x):
         return conv_patches(x, self.geometry)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvByChannel(LayerKind):
+    """A convolution seen as in the GPFQ paper's code: one matrix per input channel c, whose
+    N0 = kh·kw inputs are channel c's patch and whose N1 neurons are the (c, output channel)
+    filters; X are channel c's patches alone, so each filter matches its own contribution.
+
+    Attributes:
+      geometry: the convolution's `ConvGeometry`.
+    """
+
+    geometry: ConvGeometry
+    name = "Conv"
+
+    def _split(self, matrices: jax.Array) -> jax.Array:
+        """(groups, window·cin_g, n) → (groups·cin_g, window, n)."""
+        groups, rows, n = matrices.shape
+        window = self.geometry.window_size
+        split = matrices.reshape(groups, window, rows // window, n).transpose(0, 2, 1, 3)
+        return split.reshape(-1, window, n)
+
+    def to_matrix(self, kernel):
+        return self._split(kernel_to_matrix(kernel, self.geometry))
+
+    def from_matrix(self, matrix):
+        groups = self.geometry.feature_group_count
+        cin_g = matrix.shape[0] // groups
+        merged = matrix.reshape(groups, cin_g, *matrix.shape[1:]).transpose(0, 2, 1, 3)
+        return matrix_to_kernel(merged.reshape(groups, -1, matrix.shape[-1]), self.geometry)
+
+    def rows(self, x):
+        patches = conv_patches(x, self.geometry)  # (groups, m, window·cin_g)
+        return self._split(jnp.swapaxes(patches, 1, 2)).swapaxes(1, 2)

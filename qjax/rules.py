@@ -23,6 +23,7 @@ import jax
 
 from qjax import alphabets
 from qjax.alphabets import AnyAlphabet
+from qjax.layers import Conv, ConvByChannel, LayerKind
 from qjax.methods import base as methods
 
 __all__ = ["LayerSpec", "Rules", "path_name", "path_names", "unmatched_patterns"]
@@ -87,6 +88,9 @@ class LayerSpec:
       rule: "max" (Zhang & Saab, and the usual LLM absmax) or "median" (Lybrand & Saab).
       per_channel: one alphabet per output channel (neuron) instead of one per tensor.
       group_size: g: one alphabet per g consecutive inputs per output channel (32, 64, 128).
+      conv_neurons: for convolutions, "patch" (a neuron is an output channel over the whole
+        kh·kw·cin patch, Zhang & Saab) or "channel" (a neuron is one (input channel, output
+        channel) kh×kw filter over that channel's patch, the GPFQ paper's code).
     """
 
     method: methods.QuantizationMethod | str = "gpfq"
@@ -97,8 +101,11 @@ class LayerSpec:
     rule: Literal["median", "max"] = "max"
     per_channel: bool = True
     group_size: int | None = None
+    conv_neurons: Literal["patch", "channel"] = "patch"
 
     def __post_init__(self):
+        if self.conv_neurons not in ("patch", "channel"):
+            raise ValueError(f"conv_neurons must be 'patch' or 'channel', got {self.conv_neurons!r}")
         if self.method != "skip":
             methods.get(self.method)  # a clear error for an unknown name
         alphabets.num_letters_for_bits(self.bits)
@@ -118,9 +125,15 @@ class LayerSpec:
     def method_name(self) -> str:
         return "skip" if self.skip else self.quantizer.name
 
+    def layer_kind(self, kind: LayerKind) -> LayerKind:
+        """The kind the engine quantizes a layer of `kind` as (see `conv_neurons`)."""
+        if isinstance(kind, Conv) and self.conv_neurons == "channel":
+            return ConvByChannel(kind.geometry)
+        return kind
+
     def make_alphabet(self, matrix: jax.Array) -> AnyAlphabet:
-        """The alphabet A for a weight matrix (..., N0, N1); leading axes (feature groups, heads)
-        get alphabets of their own."""
+        """The alphabet A for a weight matrix (..., N0, N1): per tensor, one for all of it;
+        per channel or group-wise, leading axes (feature groups, heads) have their own."""
         if self.alphabet is not None:
             return self.alphabet(matrix) if callable(self.alphabet) else self.alphabet
         letters = (
@@ -139,8 +152,9 @@ class LayerSpec:
                 **letters,
             )
 
-        for _ in range(matrix.ndim - 2):
-            make = jax.vmap(make)
+        if self.per_channel or self.group_size is not None:
+            for _ in range(matrix.ndim - 2):
+                make = jax.vmap(make)
         return make(matrix)
 
 

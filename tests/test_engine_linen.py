@@ -249,3 +249,32 @@ def test_second_call_does_not_recompile(mlp):
     sizes = linen_adapter._layer_input._cache_size(), _add_rows._cache_size()
     quantize_model(model, variables, x, spec=LayerSpec(bits=3, c=0.5), progress=False)
     assert (linen_adapter._layer_input._cache_size(), _add_rows._cache_size()) == sizes
+
+
+def test_conv_neurons_per_input_channel_as_in_the_paper_code():
+    """conv_neurons="channel": each (input channel c, output channel) kh×kw filter is a neuron
+    over channel c's patches, quantized by GPFQ against X_c alone (the paper's reference code)."""
+    model = SmallCNN()
+    x = jax.random.normal(jax.random.key(4), (6, 7, 7, 2))
+    variables = model.init(jax.random.key(5), x)
+    spec = LayerSpec(bits=2, c=2.0, rule="median", per_channel=False, conv_neurons="channel")
+    quantized, reports = quantize_model(
+        model,
+        variables,
+        x,
+        spec=spec,
+        rules=[("Conv_1|Dense_0", LayerSpec(method="skip"))],
+        progress=False,
+    )
+    w = variables["params"]["Conv_0"]["kernel"]  # (3, 3, 2, 4)
+    geometry = qjax.patches.ConvGeometry((3, 3), padding="SAME")
+    patches = qjax.patches.conv_patches(x, geometry)[0].reshape(-1, 9, 2)  # (m, window, cin)
+    alphabet = alphabets.for_weights(w, c=2.0, bits=2, rule="median")
+    got = quantized["params"]["Conv_0"]["kernel"]
+    for c in range(2):
+        filters = w[:, :, c, :].reshape(9, 4)
+        q = qjax.gpfq_layer(filters, patches[..., c], patches[..., c], alphabet)
+        np.testing.assert_allclose(got[:, :, c, :].reshape(9, 4), q, atol=1e-6)
+    assert reports[0].kind == "Conv" and reports[0].num_letters == 4
+    with pytest.raises(ValueError, match="conv_neurons must be"):
+        LayerSpec(conv_neurons="filter")
