@@ -105,7 +105,9 @@ class LayerSpec:
 
     def __post_init__(self):
         if self.conv_neurons not in ("patch", "channel"):
-            raise ValueError(f"conv_neurons must be 'patch' or 'channel', got {self.conv_neurons!r}")
+            raise ValueError(
+                f"conv_neurons must be 'patch' or 'channel', got {self.conv_neurons!r}"
+            )
         if self.method != "skip":
             methods.get(self.method)  # a clear error for an unknown name
         alphabets.num_letters_for_bits(self.bits)
