@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
 from qjax import sharding
@@ -77,7 +78,7 @@ class GramStats(NamedTuple):
     * data-parallel over a mesh of D devices (`gram_stats_init(..., mesh=)`): per-device partial
       sums. Every array has a leading axis of length D split over the mesh (device d holds the
       sums over the rows it received, shape (1, *batch_shape, N0, N0)), and `count` has shape
-      (D,): the rows of each device. `combined` adds them up; `per_device` is True.
+      (D,): the rows of each device (replicated). `combined` adds them up; `per_device` is True.
 
     Attributes:
       gram: G = X~ᵀX~, shape batch_shape + (N0, N0).
@@ -144,7 +145,7 @@ def gram_stats_init(
     else:
         mesh = sharding.check_mesh(mesh)
         device_axis = (mesh.size,)
-        count_device = NamedSharding(mesh, sharding.split(mesh, 1, 0))
+        count_device = NamedSharding(mesh, P())
         device = NamedSharding(mesh, sharding.split(mesh, len(shape) + 1, 0))
 
     def zeros():
@@ -201,20 +202,19 @@ def _accumulate_on_mesh(
       rows: (D,) the real rows of each block (the others are zero padding).
     """
     partial = sharding.split(mesh, stats.gram.ndim, 0)
-    per_device = sharding.split(mesh, 1, 0)
-    spec = GramStats(partial, partial, per_device, None if stats.float_gram is None else partial)
+    spec = GramStats(partial, partial, P(), None if stats.float_gram is None else partial)
     rows_spec = sharding.split(mesh, x.ndim, x.ndim - 2)
 
-    def add_own_rows(local: GramStats, x_local, x_tilde_local, rows_local) -> GramStats:
-        own = accumulate(jax.tree.map(lambda a: a[0], local), x_local, x_tilde_local)
-        own = own._replace(count=local.count[0] + rows_local[0])
-        return jax.tree.map(lambda a: a[None], own)
+    def add_own_rows(local: GramStats, x_local, x_tilde_local) -> GramStats:
+        sums = jax.tree.map(lambda a: a[0], local._replace(count=local.count[:1]))
+        own = jax.tree.map(lambda a: a[None], accumulate(sums, x_local, x_tilde_local))
+        return own._replace(count=local.count)  # counted below, real rows only
 
-    specs = (rows_spec, rows_spec, per_device)
-    x, x_tilde, rows = sharding.lay_out((x, x_tilde, rows), mesh, specs)
-    return jax.shard_map(add_own_rows, mesh=mesh, in_specs=(spec, *specs), out_specs=spec)(
-        stats, x, x_tilde, rows
-    )
+    x, x_tilde = sharding.lay_out((x, x_tilde), mesh, rows_spec)
+    updated = jax.shard_map(
+        add_own_rows, mesh=mesh, in_specs=(spec, rows_spec, rows_spec), out_specs=spec
+    )(stats, x, x_tilde)
+    return updated._replace(count=stats.count + rows)
 
 
 def _checked_rows(name: str, value: ArrayLike, batch_ndim: int | None = None):

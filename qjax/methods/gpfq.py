@@ -133,7 +133,7 @@ def _neuron_residual(
         q_t = alphabet.for_input(t).project(argument)
         return v - q_t * x_tilde_t, q_t
 
-    u0 = jnp.zeros(x.shape[0], w.dtype)
+    u0 = jnp.zeros_like(x[:, 0], w.dtype)  # varies as x does (inside shard_map)
     steps = (jnp.arange(w.shape[0]), w, x.T, x_tilde.T, norms_sq, dead)
     _, q = jax.lax.scan(input_step, u0, steps)
     return q
@@ -499,6 +499,8 @@ def _gpfq_residual_on_mesh(
     """The residual form with neurons split over the mesh; every device gathers all the rows."""
 
     def quantize_local(w_local, alphabet_local, x, x_tilde):
+        # The rows are the same on every device, but the residuals they start differ by neuron.
+        x, x_tilde = jax.lax.pcast((x, x_tilde), mesh.axis_names, to="varying")
         quantize = functools.partial(_gpfq_residual, dead_tol=dead_tol)
         return _batched(quantize, w.ndim - 2)(w_local, x, x_tilde, alphabet_local)
 
