@@ -24,6 +24,16 @@ where Q rounds to the nearest letter of the alphabet A. Two equivalent forms are
 Both are scans over inputs, vmapped across neurons; `gpfq_layer` and `gpfq_from_stats` are
 jit-compiled.
 
+One device or many. Statistics accumulated over a mesh (`qjax.stats.gram_stats_init(...,
+mesh=)`: per-device partial sums) are read without gathering H: each device adds up G (psum)
+and receives a block of H's columns (reduce-scatter), builds the targets Σ_{s≤t} H_ts w_s of its
+block of neurons as the blocks of H pass round a ring (`ppermute`), and runs the scan on them
+(`gpfq_from_targets`, inside `jax.shard_map`). A neuron's scan reads only G and its own targets,
+so the codes are those of one device. `gpfq_layer` and `gpfq_conv` take `mesh=` for both forms
+(the residual form splits the neurons and gives every device all the rows). Sizes that do not
+divide the number of devices are padded: dead, uncorrelated inputs and copies of the last neuron,
+whose codes are dropped.
+
 Dead inputs. When ||X~_t||² is numerically zero (G_tt ≤ dead_tol·max_s G_ss; common after ReLU)
 the choice of q_t does not change the residual. We then set the rounding argument to 0:
 q_t = Q(0), the letter nearest zero, ties to the lower letter: 0 for alphabets containing 0, -δ/2
@@ -554,14 +564,17 @@ def gpfq_from_stats(
 
     Args:
       w: weights, shape batch_shape + (N0, N1) (batch_shape as in `stats`, e.g. conv groups).
-      stats: `GramStats` of the layer's calibration inputs.
+      stats: `GramStats` of the layer's calibration inputs; per-device statistics on a mesh
+        split the neurons over it (see the module docstring).
       alphabet: the alphabet A: per tensor, per neuron (N1,), or group-wise (⌈N0/g⌉, N1), with
         batch_shape in front for batched layers whose alphabets differ.
       block_size: B, the number of inputs handled per lazy-batch block (a speed knob only).
       dead_tol: inputs with G_tt <= dead_tol·max_s G_ss are dead (see the module docstring).
 
     Returns:
-      q, the quantized weights, same shape and dtype as w, every entry a letter of A.
+      q, the quantized weights, same shape and dtype as w, every entry a letter of A; from
+      per-device statistics, a global array split by neuron over the mesh (gathered when N1 is
+      not a multiple of the number of devices).
     """
     return GPFQ(block_size=block_size, dead_tol=dead_tol).quantize(w, stats, alphabet)
 
