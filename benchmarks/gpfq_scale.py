@@ -26,6 +26,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -198,7 +199,7 @@ def summation(small: bool, repeats: int):
         )
         print(f"{name} {int(np.sum(np.asarray(q) != exact_codes))}", end="; ")
 
-    print("\n| N0 | plain (ms / batch) | Kahan (ms / batch) | Kahan / plain |")
+    print("\n| N0 | plain (CPU ms / batch) | Kahan (CPU ms / batch) | Kahan / plain |")
     print("|---|---|---|---|")
     for width in (196, 392) if small else (784, 2048):
         xs = jax.random.normal(jax.random.key(width), (16, rows, width))
@@ -220,15 +221,23 @@ def _kahan_init(n0):
 
 
 def _seconds_per_batch(step, init, batches, repeats) -> float:
-    """Best time of accumulating `batches` with `step` from `init()`, per batch."""
+    """CPU seconds (all threads of this process) of accumulating `batches` with `step` from
+    `init()`, per batch, the least of `repeats` runs after a warm-up: CPU time is less disturbed
+    than wall time by other jobs on a shared machine."""
 
     def accumulate_all():
         running = init()
         for x, x_tilde in batches:
             running = step(running, x, x_tilde)
-        return running
+        return jax.block_until_ready(running)
 
-    return best_time(accumulate_all, repeats=repeats) / len(batches)
+    accumulate_all()
+    times = []
+    for _ in range(repeats):
+        start = time.process_time()
+        accumulate_all()
+        times.append(time.process_time() - start)
+    return min(times) / len(batches)
 
 
 def run_worker(devices, sizes, batch_rows, repeats):
