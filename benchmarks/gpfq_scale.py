@@ -7,21 +7,26 @@ updates of the scan. Everything is measured in this one run, on the same data:
     python -m benchmarks.gpfq_scale                # all sizes (about 10 minutes on 2 CPU cores)
     python -m benchmarks.gpfq_scale --skip-large   # without the 4096 -> 11008 layer
     python -m benchmarks.gpfq_scale --small        # a quick smoke run
+    python -m benchmarks.gpfq_scale --summation    # only table (5), about 2 minutes
 
 Tables: (1) time / floor for m = 5k, 20k, 100k on the dense layer 784 -> 500 and for 4096 -> 11008
 at m = 2048 (target <= 1.5); (2) fitted exponents of the statistics ("Gram") part and the scan
-part versus m, N0 and N1; (3) speed-up of `qjax.sharding.gpfq_layer` on 2, 4 and 8 simulated CPU
-devices over 1 (each in a subprocess with XLA_FLAGS; on a CPU this only shows that the sharded
-program scales, not real multi-device speed); (4) peak memory of the compiled programs.
+part versus m, N0 and N1; (3) speed-up of `qjax.gpfq_layer(..., mesh=)` on 2, 4 and 8 simulated
+CPU devices over 1 (each in a subprocess with XLA_FLAGS; on a CPU this only shows that the sharded
+program scales, not real multi-device speed); (4) peak memory of the compiled programs; (5) the
+summation scheme of the statistics, plain float32 (qjax's) against Kahan-compensated: error
+against float64 over 10^6 rows, GPFQ codes, and the time of the accumulation.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +34,8 @@ import numpy as np
 
 import qjax
 from benchmarks.timing import best_time
-from qjax import alphabets, sharding
+from qjax import alphabets, stats
+from qjax.methods import gpfq
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -75,24 +81,26 @@ def compiled_bytes(compiled) -> int:
 
 
 def sharded_memory(m_batch, n0, n1, mesh) -> tuple[int, int]:
-    """Peak per-device bytes of the sharded statistics update (one batch of m_batch rows) and of
-    the sharded quantizer, compiled without running."""
-    stats = jax.eval_shape(lambda: sharding.gram_stats_init(n0, mesh=mesh))
-    stats = jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=s.sharding), stats
+    """Peak per-device bytes of the statistics update on `mesh` (one batch of m_batch rows) and of
+    GPFQ from its per-device statistics, compiled without running."""
+    partial = jax.eval_shape(lambda: stats.gram_stats_init(n0, mesh=mesh))
+    partial = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=s.sharding), partial
     )
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names, None))
     batch = jax.ShapeDtypeStruct((m_batch, n0), jnp.float32, sharding=rows)
-    num_rows = jax.ShapeDtypeStruct((), jnp.int32)
-    update = sharding._gram_stats_update.lower(stats, batch, batch, num_rows, mesh=mesh).compile()
+    rows_per_device = jax.ShapeDtypeStruct((mesh.size,), jnp.int32)
+    update = stats._accumulate_on_mesh.lower(
+        partial, batch, batch, rows_per_device, mesh=mesh
+    ).compile()
     w = jax.ShapeDtypeStruct((n0, n1), jnp.float32)
-    quantize = sharding._gpfq_sharded.lower(
+    quantize = gpfq._gpfq_on_mesh.lower(
         w,
-        stats,
+        partial,
         alphabets.symmetric(1, 1.0),
         mesh=mesh,
-        block_size=qjax.gpfq.DEFAULT_BLOCK_SIZE,
-        dead_tol=qjax.gpfq.DEFAULT_DEAD_TOL,
+        block_size=gpfq.DEFAULT_BLOCK_SIZE,
+        dead_tol=gpfq.DEFAULT_DEAD_TOL,
     ).compile()
     return compiled_bytes(update), compiled_bytes(quantize)
 
@@ -101,13 +109,13 @@ def worker(m, n0, n1, batch_rows, repeats):
     """In a subprocess with D simulated devices: sharded GPFQ time and per-device memory."""
     w, x, x_tilde = (np.asarray(a) for a in layer_inputs(m, n0, n1))
     alphabet = alphabets.for_weights(w, c=2.0, bits=2)
-    mesh = sharding.make_mesh()
+    mesh = stats.make_mesh()
     seconds = best_time(
-        lambda: sharding.gpfq_layer(w, x, x_tilde, alphabet, mesh=mesh, batch_size=batch_rows),
+        lambda: qjax.gpfq_layer(w, x, x_tilde, alphabet, mesh=mesh, batch_size=batch_rows),
         repeats=repeats,
     )
     update_bytes, quantize_bytes = sharded_memory(batch_rows, n0, n1, mesh)
-    codes = sharding.gpfq_layer(w, x, x_tilde, alphabet, mesh=mesh, batch_size=batch_rows)
+    codes = qjax.gpfq_layer(w, x, x_tilde, alphabet, mesh=mesh, batch_size=batch_rows)
     reference = qjax.gpfq_layer(w, x, x_tilde, alphabet)
     print(
         json.dumps(
@@ -120,6 +128,116 @@ def worker(m, n0, n1, batch_rows, repeats):
             }
         )
     )
+
+
+def _kahan_accumulate(running, x, x_tilde):
+    """The alternative measured in (5): G and H summed with Kahan compensation; `running` holds
+    (total, compensation) pairs, the exact sums being ≈ total - compensation."""
+    out = []
+    for (total, compensation), product in zip(running, _products(x, x_tilde), strict=True):
+        corrected = product - compensation
+        new_total = total + corrected
+        out.append((new_total, (new_total - total) - corrected))
+    return tuple(out)
+
+
+def _products(x, x_tilde):
+    return (
+        jnp.matmul(x_tilde.T, x_tilde, precision=_HIGHEST),
+        jnp.matmul(x_tilde.T, x, precision=_HIGHEST),
+    )
+
+
+def summation(small: bool, repeats: int):
+    """Table (5): plain float32 summation (qjax.stats.accumulate) against Kahan's."""
+    n0, rows, m = 128, 256, 100_000 if small else 1_000_000
+
+    @jax.jit
+    def batch(i):
+        kx, kn = jax.random.split(jax.random.fold_in(jax.random.key(0), i))
+        x = jax.nn.relu(jax.random.normal(kx, (rows, n0)) + 0.3)  # ReLU features: large sums
+        return x, x + 0.05 * jax.random.normal(kn, (rows, n0))
+
+    plain_step = jax.jit(stats.accumulate, donate_argnums=0)
+    kahan_step = jax.jit(_kahan_accumulate, donate_argnums=0)
+    plain = stats.gram_stats_init(n0)
+    kahan = _kahan_init(n0)
+    exact = [np.zeros((n0, n0)), np.zeros((n0, n0))]
+    for i in range(-(-m // rows)):
+        x, x_tilde = batch(i)
+        plain, kahan = plain_step(plain, x, x_tilde), kahan_step(kahan, x, x_tilde)
+        x64, x_tilde64 = np.asarray(x, np.float64), np.asarray(x_tilde, np.float64)
+        exact[0] += x_tilde64.T @ x_tilde64
+        exact[1] += x_tilde64.T @ x64
+    kahan = [total - compensation for total, compensation in kahan]
+    print(f"\n(5) summation of G and H: {m} rows, N0 = {n0}, batches of {rows}, vs float64")
+    print("| scheme | G: relative Frobenius error | G: worst entry | H: Frobenius | H: worst |")
+    print("|---|---|---|---|---|")
+    for name, (gram, cross) in (("plain (qjax)", (plain.gram, plain.cross)), ("Kahan", kahan)):
+        errors = []
+        for got, ref in ((gram, exact[0]), (cross, exact[1])):
+            diff = np.asarray(got, np.float64) - ref
+            errors += [np.linalg.norm(diff) / np.linalg.norm(ref), np.max(np.abs(diff / ref))]
+        print(f"| {name} | " + " | ".join(f"{e:.1e}" for e in errors) + " |")
+
+    w = np.asarray(jax.random.normal(jax.random.key(1), (n0, 512))) / np.sqrt(n0)
+    alphabet = alphabets.for_weights(w, c=1.0, bits=4, rule="max", per_channel=True)
+    count = jnp.int32(m)
+    with jax.enable_x64(True):
+        exact_codes = np.asarray(
+            qjax.gpfq_from_stats(w, qjax.GramStats(*map(jnp.asarray, exact), count), alphabet)
+        ).astype(np.float32)
+    rounded = [a.astype(np.float32) for a in exact]
+    print(f"GPFQ 4-bit codes ({n0} × 512) unlike those from float64 statistics: ", end="")
+    for name, (gram, cross) in (
+        ("plain", (plain.gram, plain.cross)),
+        ("Kahan", kahan),
+        ("float64 rounded to float32", rounded),
+    ):
+        q = qjax.gpfq_from_stats(
+            w, qjax.GramStats(jnp.asarray(gram), jnp.asarray(cross), count), alphabet
+        )
+        print(f"{name} {int(np.sum(np.asarray(q) != exact_codes))}", end="; ")
+
+    print("\n| N0 | plain (CPU ms / batch) | Kahan (CPU ms / batch) | Kahan / plain |")
+    print("|---|---|---|---|")
+    for width in (196, 392) if small else (784, 2048):
+        xs = jax.random.normal(jax.random.key(width), (16, rows, width))
+        batches = list(zip(xs, xs + 0.05, strict=True))
+        plain_time = _seconds_per_batch(
+            plain_step, functools.partial(stats.gram_stats_init, width), batches, repeats
+        )
+        kahan_time = _seconds_per_batch(
+            kahan_step, functools.partial(_kahan_init, width), batches, repeats
+        )
+        print(
+            f"| {width} | {1e3 * plain_time:.2f} | {1e3 * kahan_time:.2f} | "
+            f"{kahan_time / plain_time:.2f} |"
+        )
+
+
+def _kahan_init(n0):
+    return tuple((jnp.zeros((n0, n0)), jnp.zeros((n0, n0))) for _ in range(2))
+
+
+def _seconds_per_batch(step, init, batches, repeats) -> float:
+    """CPU seconds (all threads of this process) of accumulating `batches` with `step` from
+    `init()`, per batch, the least of `repeats` runs after a warm-up: CPU time is less disturbed
+    than wall time by other jobs on a shared machine."""
+
+    def accumulate_all():
+        running = init()
+        for x, x_tilde in batches:
+            running = step(running, x, x_tilde)
+        return jax.block_until_ready(running)
+
+    accumulate_all()
+    times = []
+    for _ in range(repeats):
+        start = time.process_time()
+        accumulate_all()
+        times.append(time.process_time() - start)
+    return min(times) / len(batches)
 
 
 def run_worker(devices, sizes, batch_rows, repeats):
@@ -137,9 +255,13 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--worker", type=int, nargs=3, metavar=("M", "N0", "N1"), help="internal")
     parser.add_argument("--batch-rows", type=int, default=4096)
+    parser.add_argument("--summation", action="store_true", help="only table (5)")
     args = parser.parse_args()
     if args.worker:
         worker(*args.worker, args.batch_rows, args.repeats)
+        return
+    if args.summation:
+        summation(args.small, args.repeats)
         return
     small, repeats = args.small, args.repeats
     scale = 10 if small else 1
@@ -178,7 +300,7 @@ def main():
 
     m_sharded = ms[1]
     print(
-        f"\n(3) qjax.sharding.gpfq_layer on simulated CPU devices, {n0}→{n1}, m={m_sharded} "
+        f"\n(3) qjax.gpfq_layer(..., mesh=) on simulated CPU devices, {n0}→{n1}, m={m_sharded} "
         f"in batches of {args.batch_rows} rows (this machine has {os.cpu_count()} CPU cores)"
     )
     print(
@@ -196,11 +318,13 @@ def main():
     print("\n(4) peak memory of the compiled programs on 1 device (MiB), independent of m")
     print("| layer | statistics update, 4096 rows | quantize from statistics |")
     print("|---|---|---|")
-    mesh = sharding.make_mesh(jax.devices()[:1])
+    mesh = stats.make_mesh(jax.devices()[:1])
     layers = [(n0, n1)] + ([] if args.skip_large else [(4096, 11008), (11008, 4096)])
     for k0, k1 in layers:
         update_bytes, quantize_bytes = sharded_memory(4096, k0, k1, mesh)
         print(f"| {k0}→{k1} | {update_bytes / 2**20:.0f} | {quantize_bytes / 2**20:.0f} |")
+
+    summation(small, repeats)
 
 
 if __name__ == "__main__":

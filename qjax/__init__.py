@@ -32,7 +32,6 @@ from qjax import (
     patches,
     prox,
     rules,
-    sharding,
     stats,
     transforms,
 )
@@ -50,7 +49,15 @@ from qjax.methods import (
     msq,
 )
 from qjax.rules import LayerSpec, Rules
-from qjax.stats import GramStats, gram_stats, gram_stats_init, gram_stats_update, relative_error
+from qjax.stats import (
+    GramStats,
+    combined,
+    gram_stats,
+    gram_stats_init,
+    gram_stats_update,
+    make_mesh,
+    relative_error,
+)
 from qjax.transforms import (
     ProxQuantState,
     clip_params,
@@ -78,6 +85,7 @@ __all__ = [
     "alphabets",
     "batchnorm",
     "clip_params",
+    "combined",
     "data",
     "engine",
     "export",
@@ -92,6 +100,7 @@ __all__ = [
     "hard_quantize",
     "layers",
     "linear_reg_schedule",
+    "make_mesh",
     "mask_by_path",
     "methods",
     "metrics",
@@ -105,7 +114,6 @@ __all__ = [
     "reestimate_batch_stats",
     "relative_error",
     "rules",
-    "sharding",
     "stats",
     "straight_through",
     "transforms",

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from jax.typing import ArrayLike
 from tqdm.auto import tqdm
@@ -36,7 +37,13 @@ from qjax.adapters.nnx import NNXAdapter
 from qjax.layers import LayerKind
 from qjax.methods.msq import MSQ
 from qjax.rules import DEFAULT_SPEC, LayerSpec, Rules
-from qjax.stats import GramStats, accumulate, gram_stats_init, relative_error
+from qjax.stats import (
+    GramStats,
+    accumulate,
+    gram_stats_init,
+    gram_stats_update,
+    relative_error,
+)
 
 __all__ = ["LayerReport", "format_report", "quantize_model"]
 
@@ -149,6 +156,11 @@ def _in_forward_order(found: Sequence[Layer]) -> list[tuple[Layer, tuple[int, ..
     return units
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _rows(kind: LayerKind, x) -> jax.Array:
+    return kind.rows(x)
+
+
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
 def _add_rows(kind: LayerKind, stats: GramStats, x, x_tilde) -> GramStats:
     """Rows of one batch's X and X~ folded into the statistics, as one compiled program."""
@@ -191,6 +203,9 @@ def quantize_model(
         {"train": False}; NNX `module(batch, **kw)`). NNX modules run in `eval()` mode.
       mesh: accumulate each layer's statistics data-parallel over this device mesh (and split
         GPFQ's neurons over it), see `qjax.stats`; the codes are those of the unsharded run.
+        The forward passes run where the model and the batches are. On several hosts
+        (`jax.distributed`), every process passes its own calibration batches, the same number
+        of them, and gets the whole quantized model.
       progress: show a progress bar over layers.
 
     Returns:
@@ -235,21 +250,25 @@ def quantize_model(
         method = layer_spec.quantizer
         kind = layer_spec.layer_kind(layer.kind)
         matrix = kind.to_matrix(kernel[index])
-        stats_options = {} if mesh is None else {"mesh": mesh}
         stats = gram_stats_init(
             matrix.shape[-2],
             batch_shape=matrix.shape[:-2],
             track_error=True,
             dtype=jnp.result_type(matrix.dtype, jnp.float32),
-            **stats_options,
+            mesh=mesh,
         )
         for batch in batches():
             batch = _checked(batch, first.shape)
             x = adapter.inputs(float_state, layer, index, batch)
             x_tilde = adapter.inputs(current, layer, index, batch)
-            stats = _add_rows(kind, stats, x, x_tilde)
+            if mesh is None:
+                stats = _add_rows(kind, stats, x, x_tilde)
+            else:  # this process's rows, split over the mesh's devices
+                stats = gram_stats_update(stats, _rows(kind, x), _rows(kind, x_tilde))
         alphabet = layer_spec.make_alphabet(matrix)
         q = method.quantize(matrix, stats, alphabet)
+        if mesh is not None:  # all of Q on this process, for the next forward passes
+            q = jnp.asarray(multihost_utils.process_allgather(q, tiled=True))
         rounded = q if isinstance(method, MSQ) else MSQ().quantize(matrix, stats, alphabet)
         error = float(relative_error(matrix, q, stats))
         msq_error = float(relative_error(matrix, rounded, stats))

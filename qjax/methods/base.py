@@ -21,9 +21,10 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from qjax._mesh import check_finite_here
 from qjax.alphabets import Alphabet, AnyAlphabet
 from qjax.checks import check_alphabet, check_finite
-from qjax.stats import GramStats
+from qjax.stats import GramStats, combined
 
 __all__ = ["QuantizationMethod", "get", "names"]
 
@@ -52,11 +53,12 @@ class QuantizationMethod(abc.ABC):
         """Q for one matrix: w (N0, N1), stats of shape (N0, N0), alphabet for this matrix."""
 
     def quantize(self, w: ArrayLike, stats: GramStats, alphabet: AnyAlphabet) -> jax.Array:
-        """Quantizes w, batch_shape + (N0, N1), from statistics of shape batch_shape + (N0, N0).
+        """Quantizes w, batch_shape + (N0, N1), from statistics for batch_shape + (N0, N0).
 
         Args:
           w: the weights W (Flax layout: inputs × neurons), with optional leading batch axes.
-          stats: `GramStats` of the layer's calibration inputs.
+          stats: `GramStats` of the layer's calibration inputs, per device or not (then
+            `quantize_per_device` reads them).
           alphabet: the alphabet A: per tensor, per neuron (N1,), group-wise (⌈N0/g⌉, N1), each
             with the batch axes in front where they differ per batch entry.
 
@@ -66,17 +68,41 @@ class QuantizationMethod(abc.ABC):
         w = jnp.asarray(w)
         if not jnp.issubdtype(w.dtype, jnp.floating):
             raise ValueError(f"w must be a floating-point array, got dtype {w.dtype}")
-        if w.ndim < 2 or stats.gram.shape != (*w.shape[:-1], w.shape[-2]):
+        total_shape = stats.gram.shape[stats.count.ndim :]  # per-device sums lead with D
+        if w.ndim < 2 or total_shape != (*w.shape[:-1], w.shape[-2]):
             raise ValueError(
                 f"w has shape {w.shape} (batch_shape + (N0, N1)) but the statistics are for "
-                f"batch_shape + (N0, N0) = {stats.gram.shape}"
+                f"batch_shape + (N0, N0) = {total_shape}"
             )
         check_alphabet(alphabet)
         check_finite("w", w)
-        check_finite("stats.gram", stats.gram)
-        check_finite("stats.cross", stats.cross)
-        q = _quantize_batched(self, w.astype(stats.gram.dtype), stats, alphabet)
+        check_finite_here("stats.gram", stats.gram)
+        check_finite_here("stats.cross", stats.cross)
+        w_stats = w.astype(stats.gram.dtype)
+        if stats.per_device:
+            q = self.quantize_per_device(w_stats, stats, alphabet)
+        else:
+            q = _quantize_batched(self, w_stats, stats, alphabet)
         return q.astype(w.dtype)
+
+    def quantize_per_device(
+        self, w: jax.Array, stats: GramStats, alphabet: AnyAlphabet
+    ) -> jax.Array:
+        """`quantize` from per-device partial sums over a mesh (`GramStats.per_device`).
+
+        By default the method sees the combined statistics (`qjax.stats.combined`, replicated on
+        the mesh). A method that splits its own work over the devices overrides this (GPFQ: its
+        neurons, reading H by column blocks).
+
+        Args:
+          w: the checked weights, in the statistics' dtype.
+          stats: per-device `GramStats`.
+          alphabet: the checked alphabet.
+
+        Returns:
+          Q, same shape as w.
+        """
+        return _quantize_batched(self, w, combined(stats), alphabet)
 
 
 def batch_axes(alphabet: AnyAlphabet, batch_ndim: int):
