@@ -476,12 +476,12 @@ def _best_inferred_grid(
         layouts = [_layout(w.shape, axes, group_size, name)]
     grids = [grid for layout in layouts if (grid := _infer_grid(w, layout)) is not None]
     if not grids:
-        tried = (
-            "per tensor, per channel or per slice"
-            + (f", or in groups of {group_size}" if group_size else "")
-            if channel_axis == "auto"
-            else layouts[0].describe()
-        )
+        if channel_axis != "auto":
+            tried = layouts[0].describe()
+        elif group_size is None:
+            tried = "per tensor, channel or slice; pass group_size= if it has group-wise steps"
+        else:
+            tried = f"per tensor, channel or slice, or in groups of {group_size}"
         raise ValueError(
             f"weights of {name!r} are off the alphabet: no zero-centred uniform grid of at most "
             f"{MAX_LETTERS} letters ({tried}) holds them; they take {np.unique(w).size} distinct "
@@ -529,7 +529,7 @@ def _alphabet_layout(shape: tuple[int, ...], alphabet: UniformAlphabet, name: st
             if math.prod(shape[start:]) != step_shape[-1]:
                 continue
             layout = _Layout(shape, (*range(stack), *range(start, ndim)), g)
-            if g is None or (start > stack and layout.scale_shape == step_shape):
+            if g is None or layout.scale_shape == step_shape:
                 return layout
             break
     expected = (
