@@ -372,42 +372,52 @@ class _Grid:
         return -(-self.codes.size * container_bits(self.num_letters) // 8) + self.scale.nbytes
 
 
-def _exact_steps(
-    values: np.ndarray,
-    valid: np.ndarray,
-    codes: np.ndarray,
-    estimate: np.ndarray,
-    num_letters: int,
-    dtype: np.dtype,
-) -> np.ndarray:
-    """Per group, a step whose letters, decoded as `QuantizedArray.dequantize` does, are exactly
-    the weights, where one exists (else `estimate`, which is within the grid tolerance).
-
-    The reals that round to a weight w of `dtype` lie between the midpoints to its neighbours;
-    dividing by the letter's offset k − (n−1)/2 gives an interval of steps for each weight, and
-    the middle of their intersection (or a neighbour of it) reproduces every weight.
-    """
-    scale_dtype = _scale_dtype(dtype)
-    offsets = codes.astype(scale_dtype) - scale_dtype.type((num_letters - 1) / 2)
+def _rounding_intervals(values: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """The reals that round to each weight (float64 `values` of `dtype`): between the midpoints
+    to its neighbours, widened by GRID_TOLERANCE_ULPS float32 roundings (letters computed by
+    other float32 arithmetic, or rounded twice)."""
     weights = values.astype(dtype)
-    neighbours = [np.nextafter(weights, np.array(limit, dtype)) for limit in (-np.inf, np.inf)]
-    bounds = [(values + n.astype(np.float64)) / 2 for n in neighbours]
-    constrained = valid & (offsets != 0)
-    divisor = np.where(constrained, offsets, 1).astype(np.float64)
-    low = np.where(constrained, np.minimum(*bounds) / divisor, -np.inf).max(axis=1)
-    high = np.where(constrained, np.maximum(*bounds) / divisor, np.inf).min(axis=1)
-    bounded = np.isfinite(low) & np.isfinite(high) & (low <= high)
-    low, high = np.where(bounded, low, estimate), np.where(bounded, high, estimate)
-    middle = ((low + high) / 2).astype(scale_dtype)
-    candidates = [
+    slack = _tolerance(_scale_dtype(dtype)) * np.abs(values)
+    lower, upper = (
+        (values + np.nextafter(weights, np.array(limit, dtype)).astype(np.float64)) / 2
+        for limit in (-np.inf, np.inf)
+    )
+    return lower - slack, upper + slack
+
+
+def _unit_bounds(
+    rounding: tuple[np.ndarray, np.ndarray], valid: np.ndarray, multiples: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per group, the interval [low, high] of units h for which each weight is the rounding of
+    its letter m·h: empty (low > high) when no unit is; (-inf, inf) for a group of zeros."""
+    constrained = valid & (multiples != 0)
+    divisor = np.where(constrained, multiples, 1).astype(np.float64)
+    ends = [bound / divisor for bound in rounding]
+    low = np.where(constrained, np.minimum(*ends), -np.inf).max(axis=1)
+    high = np.where(constrained, np.maximum(*ends), np.inf).min(axis=1)
+    return low, high
+
+
+def _exact_steps(
+    values: np.ndarray, valid: np.ndarray, offsets: np.ndarray, low: np.ndarray, high: np.ndarray
+) -> np.ndarray:
+    """Per group, a step in [low, high] whose letters offset·step, decoded as
+    `QuantizedArray.dequantize` does (in the scale dtype, then rounded to the weights' dtype),
+    are the weights bit for bit: the middle of the interval or a neighbour of it, where one of
+    them is (else the middle, within the grid tolerance). Groups of zeros get the step 1."""
+    dtype = values.dtype
+    scale_dtype = _scale_dtype(dtype)
+    bounded = np.isfinite(low) & np.isfinite(high)
+    middle = np.where(bounded, (np.where(bounded, low, 1) + np.where(bounded, high, 1)) / 2, 1)
+    middle = middle.astype(scale_dtype)
+    step, found = middle, np.zeros(len(values), bool)
+    for candidate in (
         middle,
         np.nextafter(middle, scale_dtype.type(-np.inf)),
         np.nextafter(middle, scale_dtype.type(np.inf)),
-    ]
-    step, found = estimate.astype(scale_dtype), np.zeros(len(values), bool)
-    for candidate in candidates:
+    ):
         letters = (offsets * candidate[:, None]).astype(dtype)
-        exact = ~found & np.all(~valid | (letters == weights), axis=1)
+        exact = ~found & np.all(~valid | (letters == values), axis=1)
         step, found = np.where(exact, candidate, step), found | exact
     return step
 
@@ -416,41 +426,49 @@ def _infer_grid(w: np.ndarray, layout: _Layout) -> _Grid | None:
     """The zero-centred uniform grid with the fewest letters holding every weight, or None.
 
     Per group of `layout`: u = the smallest nonzero |w|; the unit h is the largest u/j
-    (j = 1, 2, ...) that makes every w/h an integer (within GRID_TOLERANCE_ULPS roundings). If
-    every multiple w/h of every group is odd the grid is {±1, ±3, ...}·h (δ = 2h, even n);
-    otherwise {−K..K}·h (δ = h, n = 2K+1). The steps are then made exact (`_exact_steps`).
+    (j = 1, 2, ...) for which some h' near it makes every weight the rounding of a letter m·h'
+    (m an integer; within GRID_TOLERANCE_ULPS float32 roundings). If every multiple m of every
+    group is odd the grid is {±1, ±3, ...}·h (δ = 2h, even n); otherwise {−K..K}·h (δ = h,
+    n = 2K+1). The steps are then chosen so that the letters are the weights bit for bit.
     """
     groups = layout.groups(w)
     valid = ~np.isnan(groups)
     values = np.where(valid, groups, 0.0)
+    rounding = _rounding_intervals(values, w.dtype)
     magnitudes = np.abs(values)
     largest = magnitudes.max(axis=1)
     smallest = np.where(magnitudes > 0, magnitudes, np.inf).min(axis=1)
     unit = np.where(largest > 0, np.nan, 1.0)  # an all-zero group fits any unit
-    tolerance = _tolerance(w.dtype)
     # A divisor j makes the grid u/j; beyond max_divisor the grid would exceed MAX_LETTERS.
     max_divisor = np.where(largest > 0, (MAX_LETTERS - 1) * smallest / largest, 0)
     for divisor in range(1, MAX_LETTERS):
-        pending = np.flatnonzero(np.isnan(unit) & (divisor <= max_divisor * (1 + tolerance)))
+        pending = np.flatnonzero(
+            np.isnan(unit) & (divisor <= max_divisor * (1 + _tolerance(w.dtype)))
+        )
         if pending.size == 0:
             break
         candidate = smallest[pending] / divisor
-        ratios = values[pending] / candidate[:, None]
-        off = np.abs(ratios - np.round(ratios)) > tolerance * np.maximum(np.abs(ratios), 1)
-        on_grid = ~np.any(off, axis=1)
+        multiples = np.round(values[pending] / candidate[:, None])
+        low, high = _unit_bounds(
+            (rounding[0][pending], rounding[1][pending]), valid[pending], multiples
+        )
+        on_grid = low <= high
         unit[pending[on_grid]] = candidate[on_grid]
     if np.any(np.isnan(unit)):
         return None
     multiples = np.round(values / unit[:, None]).astype(np.int64)
+    low, high = _unit_bounds(rounding, valid, multiples)
     if np.all((multiples % 2 == 1) | ~valid):  # every letter present is odd: no zero letter
         num_letters = int(np.abs(multiples).max()) + 1
-        codes, step = (multiples + num_letters - 1) // 2, 2 * unit
+        codes, low, high = (multiples + num_letters - 1) // 2, 2 * low, 2 * high
     else:
         half = int(np.abs(multiples).max())
-        num_letters, codes, step = 2 * half + 1, multiples + half, unit
+        num_letters, codes = 2 * half + 1, multiples + half
     if num_letters > MAX_LETTERS:
         return None
-    step = _exact_steps(values, valid, codes, step, num_letters, w.dtype)
+    scale_dtype = _scale_dtype(w.dtype)
+    offsets = codes.astype(scale_dtype) - scale_dtype.type((num_letters - 1) / 2)
+    step = _exact_steps(np.where(valid, groups, 0).astype(w.dtype), valid, offsets, low, high)
     return _Grid(
         codes=layout.ungroup(codes),
         scale=step.reshape(layout.scale_shape),
