@@ -711,7 +711,9 @@ def test_scanned_nnx_lm_group_wise(lm, tmp_path):
     # The group size travels with the checkpoint.
     export.save(str(tmp_path / "lm"), packed)
     restored = export.restore(str(tmp_path / "lm"))
-    assert restored["blocks"]["query"]["kernel"] == query
+    restored_query = restored["blocks"]["query"]["kernel"]
+    assert (restored_query.shape, restored_query.group_size) == (query.shape, 4)
+    _assert_bitwise_equal(restored_query.scale, query.scale)
     np.testing.assert_array_equal(apply(restored, tokens), logits)
 
 
