@@ -7,14 +7,16 @@ After quantization every weight is a letter of a zero-centred uniform alphabet,
 (`qjax.alphabets.UniformAlphabet`; `bits` = b means n = 2^b letters, b = 1 binary {±δ/2}), but
 it is still stored as a float. `quantize_array` replaces such a weight tensor by a
 `QuantizedArray`: the codes k, packed into bytes, and the steps δ (the "scales"). The container
-is the smallest that holds b = ⌈log₂ n⌉ bits: 1 bit → 8 codes per byte, 2 bits (ternary, 4
-letters) → 4 per byte, 3–4 bits → 2 per byte, 5–8 bits → one byte per code.
+is the smallest that holds b = ⌈log₂ n⌉ bits: 1 bit → 8 codes per byte, 2 bits (3 letters,
+ternary, or 4) → 4 per byte, 3–4 bits → 2 per byte, 5–8 bits → one byte per code.
 
 Scale layouts. A kernel is read as its matrix view, as the quantization engine reads it: a
 kernel (*stack, *inputs, *outputs) (stack: the leading axes of layers stacked by `scan`) is the
 matrix (*stack, N0, N1), N0 = prod(inputs), N1 = prod(outputs), by a row-major reshape (Dense
 (N0, N1), DenseGeneral/LinearGeneral (d, heads, head_dim) or (heads, head_dim, d), Conv
-(kh, kw, cin, cout), Einsum kernels ordered (batch, contracted, neurons)). The scale is
+(kh, kw, cin, cout), Einsum kernels ordered (batch, contracted, neurons); not grouped
+convolutions, whose matrix view is a transpose: pack those per tensor or per channel). The scale
+is
 
 * per tensor: a scalar `()`;
 * per channel (no groups): an array with the tensor's rank, broadcastable against it: the full
@@ -27,16 +29,17 @@ matrix (*stack, N0, N1), N0 = prod(inputs), N1 = prod(outputs), by a row-major r
   row ⌊t/g⌋. The matrix view is recovered from the scale's shape, so no other metadata is kept.
 
 A given alphabet's step says the layout: () per tensor, (*stack, N1) per output channel, or
-group-wise (*stack, ⌈N0/g⌉, N1). Without an alphabet the grid is read off the weights: per
-scale group, the largest unit h that makes every weight an integer multiple of h gives the grid
-{−K..K}·h (n = 2K+1 letters, 0 included) or, when every multiple is odd, {±1, ±3, ...}·h (n even,
-no 0 letter, δ = 2h); the step is then refined so that the letters come back bit for bit. With
-`channel_axis="auto"` every layout of the form "one step per index of some leading (stack)
-axes and some trailing (output) axes, shared over the axes between them" is tried (per tensor,
-per output channel, per row of an embedding, per slice and output channel of a stacked kernel),
-and with `group_size` also their group-wise forms; the smallest exact export wins. Weights off
-every grid, NaN, or an explicit letter set that is not uniform and zero-centred raise a
-`ValueError` that names the parameter's path and says what to do.
+group-wise (*stack, ⌈N0/g⌉, N1). Without an alphabet (e.g. after `qjax.quantize_model`, which
+does not return its alphabets: pass its `group_size`) the grid is read off the weights: per
+scale group, the largest unit h that makes every weight the rounding of an integer multiple m·h
+gives the grid {−K..K}·h (n = 2K+1 letters, 0 included) or, when every multiple is odd,
+{±1, ±3, ...}·h (n even, no 0 letter, δ = 2h); h is chosen so that the letters are the weights
+bit for bit. With `channel_axis="auto"` every layout "one step per index of some leading
+(stack) axes and some trailing (output) axes, shared over the axes between them" is tried (per
+tensor, per output channel, per row of an embedding, per slice and output channel of a stacked
+kernel), and with `group_size` also their group-wise forms; the smallest export (codes and
+scales) wins. Weights off every grid, NaN, or an explicit letter set that is not uniform and
+zero-centred raise a `ValueError` that names the parameter's path and says what to do.
 
 Parameter trees: Flax Linen variables (nested dicts) and Flax NNX state (`nnx.state(module)`,
 `nnx.split(module)`, `nnx.state(module, nnx.Param)`) alike. Leaves are named by
@@ -88,10 +91,12 @@ __all__ = [
 ]
 
 MAX_LETTERS = 256  # codes must fit one byte
-# A weight is on the grid when it is within this many roundings (machine epsilons of its dtype,
-# relative to the letter, or to the step for letters near 0) of a letter. Letters computed as
-# δ·(k − c) in float32 are within one rounding; bfloat16 weights holding float32 letters within
-# one bfloat16 rounding. Anything further off is not a letter.
+# A weight is on a given alphabet when it is within this many roundings (machine epsilons of its
+# dtype, relative to the letter, or to the step for letters near 0) of a letter. Letters computed
+# as δ·(k − c) in float32 are within one rounding; bfloat16 weights holding float32 letters within
+# one bfloat16 rounding. Anything further off is not a letter. An inferred grid is stricter: each
+# weight must be the rounding of its letter to the weight's dtype, up to this many float32
+# roundings (letters computed by other float32 arithmetic).
 GRID_TOLERANCE_ULPS = 8
 
 
@@ -422,29 +427,31 @@ def _exact_steps(
     return step
 
 
-def _infer_grid(w: np.ndarray, layout: _Layout) -> _Grid | None:
-    """The zero-centred uniform grid with the fewest letters holding every weight, or None.
+# `_infer_grid` first looks for units on at most this many weights of this many groups: a part
+# of a grid is on a grid, so a layout that fails there fails, and most wrong layouts fail there.
+_SAMPLE = 256
 
-    Per group of `layout`: u = the smallest nonzero |w|; the unit h is the largest u/j
-    (j = 1, 2, ...) for which some h' near it makes every weight the rounding of a letter m·h'
-    (m an integer; within GRID_TOLERANCE_ULPS float32 roundings). If every multiple m of every
-    group is odd the grid is {±1, ±3, ...}·h (δ = 2h, even n); otherwise {−K..K}·h (δ = h,
-    n = 2K+1). The steps are then chosen so that the letters are the weights bit for bit.
-    """
-    groups = layout.groups(w)
-    valid = ~np.isnan(groups)
-    values = np.where(valid, groups, 0.0)
-    rounding = _rounding_intervals(values, w.dtype)
+
+def _units(
+    values: np.ndarray,
+    valid: np.ndarray,
+    rounding: tuple[np.ndarray, np.ndarray],
+    dtype: np.dtype,
+) -> np.ndarray | None:
+    """Per group, the largest unit h = u/j (u the smallest nonzero |w|, j = 1, 2, ...) for which
+    some unit near h makes every weight the rounding of a letter m·h (`_unit_bounds`); 1 for a
+    group of zeros; None as soon as a group has none with at most MAX_LETTERS letters."""
     magnitudes = np.abs(values)
     largest = magnitudes.max(axis=1)
     smallest = np.where(magnitudes > 0, magnitudes, np.inf).min(axis=1)
     unit = np.where(largest > 0, np.nan, 1.0)  # an all-zero group fits any unit
     # A divisor j makes the grid u/j; beyond max_divisor the grid would exceed MAX_LETTERS.
     max_divisor = np.where(largest > 0, (MAX_LETTERS - 1) * smallest / largest, 0)
+    max_divisor = max_divisor * (1 + _tolerance(dtype))
     for divisor in range(1, MAX_LETTERS):
-        pending = np.flatnonzero(
-            np.isnan(unit) & (divisor <= max_divisor * (1 + _tolerance(w.dtype)))
-        )
+        if np.any(np.isnan(unit) & (divisor > max_divisor)):
+            return None
+        pending = np.flatnonzero(np.isnan(unit))
         if pending.size == 0:
             break
         candidate = smallest[pending] / divisor
@@ -454,7 +461,25 @@ def _infer_grid(w: np.ndarray, layout: _Layout) -> _Grid | None:
         )
         on_grid = low <= high
         unit[pending[on_grid]] = candidate[on_grid]
-    if np.any(np.isnan(unit)):
+    return None if np.any(np.isnan(unit)) else unit
+
+
+def _infer_grid(w: np.ndarray, layout: _Layout) -> _Grid | None:
+    """The zero-centred uniform grid with the fewest letters holding every weight, or None.
+
+    Per group of `layout`, the unit h of `_units`. If every multiple m of every group is odd the
+    grid is {±1, ±3, ...}·h (δ = 2h, even n); otherwise {−K..K}·h (δ = h, n = 2K+1). The steps
+    are then chosen so that the letters are the weights bit for bit.
+    """
+    groups = layout.groups(w)
+    valid = ~np.isnan(groups)
+    values = np.where(valid, groups, 0.0)
+    sample = values[:_SAMPLE, :_SAMPLE], valid[:_SAMPLE, :_SAMPLE]
+    if _units(*sample, _rounding_intervals(sample[0], w.dtype), w.dtype) is None:
+        return None
+    rounding = _rounding_intervals(values, w.dtype)
+    unit = _units(values, valid, rounding, w.dtype)
+    if unit is None:
         return None
     multiples = np.round(values / unit[:, None]).astype(np.int64)
     low, high = _unit_bounds(rounding, valid, multiples)
