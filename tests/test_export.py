@@ -231,6 +231,24 @@ def test_inferred_grid_matches_the_alphabet(bits):
     np.testing.assert_allclose(packed.dequantize(), q, rtol=1e-6, atol=0)
 
 
+def test_inferred_grid_of_a_kernel_larger_than_the_sample():
+    # 8 letters ±δ/2, ±3δ/2, ... per column; the first 300 rows hold only ±3δ/2, whose grid has
+    # the unit 3δ/2: the grid must come from all the rows (unit δ/2), not from the first ones.
+    rng = np.random.default_rng(23)
+    step = rng.uniform(0.5, 2.0, size=300).astype(np.float32)
+    offsets = np.concatenate(
+        [
+            rng.choice([-1.5, 1.5], size=(300, 300)),
+            rng.choice(np.arange(8) - 3.5, (200, 300)),
+        ]
+    ).astype(np.float32)
+    w = offsets * step
+    packed = export.quantize_array(w)
+    assert (packed.num_letters, packed.scale.shape) == (8, (1, 300))
+    np.testing.assert_allclose(packed.scale[0], step, rtol=1e-6)
+    _assert_bitwise_equal(packed.dequantize(), w)
+
+
 def test_inferred_per_channel_and_per_row():
     w = jax.random.normal(jax.random.key(3), (30, 5))
     q, alphabet = _quantize(w, 2, per_channel=True)
