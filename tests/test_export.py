@@ -1,4 +1,5 @@
-"""Tests for qjax.export: packing, grids, errors, pytree behaviour, orbax, quantized inference."""
+"""Tests for qjax.export: packing, grids, scale layouts, errors, pytree behaviour, orbax, and
+quantized inference of Linen and NNX models (plain, scanned stacks, group-wise)."""
 
 from __future__ import annotations
 
@@ -10,17 +11,41 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qjax import alphabets, export, transforms
+import qjax
+from qjax import LayerSpec, alphabets, export, transforms
 from qjax.models import CNN, MLP, lstm, resnet
+from qjax.rules import path_name
+from tests.test_engine import HEADS, LAYERS, D, _linen_and_nnx_lm
+
+# Scale granularities of `alphabets.for_weights`; groups of 8 inputs leave a short last group
+# on the 20-input matrices below.
+GRANULARITIES = {"tensor": {}, "channel": {"per_channel": True}, "group": {"group_size": 8}}
 
 
-def _quantize(w, bits, *, per_channel=False):
-    """Weights rounded to the symmetric b-bit alphabet scaled to them, and that alphabet."""
-    alphabet = alphabets.for_weights(w, bits=bits, c=2.0, per_channel=per_channel)
+def _quantize(w, bits=None, *, num_letters=None, granularity="tensor", per_channel=None):
+    """Weights rounded to the symmetric alphabet of 2^bits (or num_letters) letters scaled to
+    them, and that alphabet."""
+    if per_channel is not None:
+        granularity = "channel" if per_channel else "tensor"
+    alphabet = alphabets.for_weights(
+        w, bits=bits, num_letters=num_letters, c=2.0, **GRANULARITIES[granularity]
+    )
     return alphabet.project(w), alphabet
+
+
+def _assert_bitwise_equal(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.dtype == b.dtype and a.shape == b.shape
+    np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
+
+
+def _packed_names(tree):
+    leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=export.is_quantized)
+    return {path_name(path) for path, leaf in leaves if export.is_quantized(leaf)}
 
 
 # ---------------------------------------------------------------------------------- packing
@@ -78,18 +103,108 @@ def test_unpack_rejects_wrong_length():
 # ------------------------------------------------------------------------- quantize_array
 
 
-@pytest.mark.parametrize("per_channel", [False, True])
-@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
-def test_given_alphabet_round_trips_bit_for_bit(bits, per_channel):
-    w = jax.random.normal(jax.random.key(bits), (3, 3, 4, 6))
-    q, alphabet = _quantize(w, bits, per_channel=per_channel)
-    packed = export.quantize_array(q, alphabet)
-    assert packed.num_letters == alphabet.size
-    assert packed.bits == export.container_bits(alphabet.size)
-    assert packed.packed.size == math.ceil(q.size * packed.bits / 8)
-    assert packed.scale.shape == ((1, 1, 1, 6) if per_channel else ())
-    np.testing.assert_array_equal(packed.codes, alphabet.codes(q))
-    np.testing.assert_array_equal(packed.dequantize().view(jnp.uint32), q.view(jnp.uint32))
+@pytest.mark.parametrize(
+    ("dtype", "letters"),
+    [(jnp.float32, {"bits": b}) for b in range(1, 9)]
+    + [(jnp.float32, {"num_letters": 3})]
+    + [(jnp.bfloat16, {"bits": b}) for b in (1, 2, 4)]
+    + [(jnp.bfloat16, {"num_letters": 3})],
+)
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "group"])
+def test_round_trips_bit_for_bit(granularity, dtype, letters):
+    # bits = b: 2^b letters (1 bit binary ±δ/2, 4 bits 16 letters); 3 letters: ternary.
+    n = 2 ** letters["bits"] if "bits" in letters else letters["num_letters"]
+    w = jax.random.normal(jax.random.key(n), (20, 6)).astype(dtype)
+    q, alphabet = _quantize(w, granularity=granularity, **letters)
+    assert alphabet.size == n and q.dtype == dtype
+    group_size = 8 if granularity == "group" else None
+    given = export.quantize_array(q, alphabet)
+    assert given.num_letters == n and given.group_size == group_size
+    assert given.bits == {2: 1, 3: 2, 4: 2, 8: 4, 16: 4}.get(n, 8)
+    assert given.packed.size == math.ceil(q.size * given.bits / 8)
+    assert given.scale.shape == {"tensor": (), "channel": (1, 6), "group": (3, 6)}[granularity]
+    np.testing.assert_array_equal(given.codes, alphabet.codes(q))
+    _assert_bitwise_equal(given.dequantize(), q)
+    # Read off the weights: the letters present, a grid no larger, and again bit for bit.
+    inferred = export.quantize_array(q, group_size=group_size)
+    assert inferred.num_letters <= n
+    _assert_bitwise_equal(inferred.dequantize(), q)
+    _assert_bitwise_equal(jax.jit(export.QuantizedArray.dequantize)(inferred), q)
+
+
+def _stacked(w, *, bits, group_size=None, in_axes=1):
+    """A stacked kernel (L, *inputs, *outputs) of a scanned layer quantized as the engine does:
+    slice by slice, on the matrix view (inputs × outputs), per output channel or group-wise."""
+
+    def one(kernel):
+        matrix = kernel.reshape(math.prod(kernel.shape[:in_axes]), -1)
+        alphabet = alphabets.for_weights(
+            matrix, bits=bits, c=2.0, per_channel=True, group_size=group_size
+        )
+        return alphabet.project(matrix).reshape(kernel.shape), alphabet.step
+
+    q, steps = jax.vmap(one)(w)
+    return q, alphabets.UniformAlphabet(steps, 2**bits, group_size)
+
+
+def test_stacked_attention_kernels_per_slice_and_channel():
+    # (L, d, heads, head_dim): one 8-letter alphabet per slice and output channel (head, k).
+    w = jax.random.normal(jax.random.key(20), (3, 12, 2, 4))
+    q, alphabet = _stacked(w, bits=3)
+    assert alphabet.step.shape == (3, 8)
+    for packed in (export.quantize_array(q, alphabet), export.quantize_array(q)):
+        assert packed.scale.shape == (3, 1, 2, 4) and packed.group_size is None
+        assert packed.num_letters == 8
+        _assert_bitwise_equal(packed.dequantize(), q)
+    # The same layout asked for explicitly: a step per slice (axis 0) and output (axes 2, 3).
+    packed = export.quantize_array(q, channel_axis=(0, 2, 3))
+    _assert_bitwise_equal(packed.dequantize(), q)
+    with pytest.raises(ValueError, match=r"one step per index of axes \(0, 3\)"):
+        export.quantize_array(q, channel_axis=(0, -1))
+
+
+@pytest.mark.parametrize(
+    ("shape", "in_axes", "group_size", "scale_shape"),
+    [
+        ((3, 12, 2, 4), 1, 8, (3, 2, 8)),  # q/k/v (L, d, heads, head_dim): 12 inputs, 8 + 4
+        ((3, 2, 4, 6), 2, 3, (3, 3, 6)),  # out (L, heads, head_dim, d): groups across heads
+        ((2, 20, 6), 1, 8, (2, 3, 6)),  # a stacked Dense kernel
+    ],
+)
+def test_stacked_group_wise_kernels(shape, in_axes, group_size, scale_shape):
+    w = jax.random.normal(jax.random.key(21), shape)
+    q, alphabet = _stacked(w, bits=2, group_size=group_size, in_axes=in_axes)
+    assert alphabet.step.shape == scale_shape
+    for packed in (
+        export.quantize_array(q, alphabet),
+        export.quantize_array(q, group_size=group_size),
+    ):
+        # The scale is the alphabet's step (*stack, ⌈N0/g⌉, N1) for the matrix view.
+        assert (packed.scale.shape, packed.group_size) == (scale_shape, group_size)
+        _assert_bitwise_equal(packed.dequantize(), q)
+    np.testing.assert_array_equal(export.quantize_array(q, alphabet).scale, alphabet.step)
+    # Without group_size the grid is not found, and the message says what to try.
+    with pytest.raises(ValueError, match="pass group_size= if it has group-wise steps"):
+        export.quantize_array(q)
+
+
+def test_group_wise_layout_errors():
+    w = jax.random.normal(jax.random.key(22), (20, 6))
+    q, alphabet = _quantize(w, 2, granularity="group")
+    with pytest.raises(
+        ValueError, match=r"'x' has step of shape \(3, 6\); expected \(\*stack, ⌈N0/8⌉"
+    ):
+        export.quantize_array(jnp.concatenate([q, q]), alphabet, name="x")
+    with pytest.raises(ValueError, match="group_size must be a positive integer"):
+        export.quantize_array(q, group_size=0)
+    with pytest.raises(
+        ValueError, match=r"contiguous and non-empty; channel_axis 1 leaves \(0, 2\)"
+    ):
+        export.quantize_array(q.reshape(4, 5, 6), channel_axis=1, group_size=2)
+    # A group-wise grid given explicitly: the axes with a step each are the outputs.
+    packed = export.quantize_array(q, channel_axis=-1, group_size=8)
+    assert packed.scale.shape == (3, 6)
+    _assert_bitwise_equal(packed.dequantize(), q)
 
 
 @pytest.mark.parametrize("num_letters", [2, 4, 16, 256])
@@ -114,6 +229,24 @@ def test_inferred_grid_matches_the_alphabet(bits):
     np.testing.assert_allclose(packed.scale, alphabet.step, rtol=1e-6)
     np.testing.assert_array_equal(packed.codes, alphabet.codes(q))
     np.testing.assert_allclose(packed.dequantize(), q, rtol=1e-6, atol=0)
+
+
+def test_inferred_grid_of_a_kernel_larger_than_the_sample():
+    # 8 letters ±δ/2, ±3δ/2, ... per column; the first 300 rows hold only ±3δ/2, whose grid has
+    # the unit 3δ/2: the grid must come from all the rows (unit δ/2), not from the first ones.
+    rng = np.random.default_rng(23)
+    step = rng.uniform(0.5, 2.0, size=300).astype(np.float32)
+    offsets = np.concatenate(
+        [
+            rng.choice([-1.5, 1.5], size=(300, 300)),
+            rng.choice(np.arange(8) - 3.5, (200, 300)),
+        ]
+    ).astype(np.float32)
+    w = offsets * step
+    packed = export.quantize_array(w)
+    assert (packed.num_letters, packed.scale.shape) == (8, (1, 300))
+    np.testing.assert_allclose(packed.scale[0], step, rtol=1e-6)
+    _assert_bitwise_equal(packed.dequantize(), w)
 
 
 def test_inferred_per_channel_and_per_row():
@@ -172,15 +305,6 @@ def test_all_zero_tensor():
     np.testing.assert_array_equal(packed.dequantize(), 0)
 
 
-def test_bfloat16_weights():
-    w = jax.random.normal(jax.random.key(4), (16, 4))
-    q, alphabet = _quantize(w, 2)
-    q = q.astype(jnp.bfloat16)
-    packed = export.quantize_array(q, alphabet)
-    assert packed.dequantize().dtype == jnp.bfloat16
-    np.testing.assert_array_equal(packed.dequantize(), q)
-
-
 # ----------------------------------------------------------------------------------- errors
 
 
@@ -199,10 +323,20 @@ def test_rejects_weights_off_the_alphabet():
     q, alphabet = _quantize(w, 2)
     with pytest.raises(ValueError, match="weights of 'x' are off the alphabet: 80 of 80"):
         export.quantize_array(w, alphabet, name="x")
-    with pytest.raises(ValueError, match="off the alphabet: no zero-centred uniform grid"):
-        export.quantize_array(w)
+    with pytest.raises(
+        ValueError,
+        match="'x' are off the alphabet: no zero-centred uniform grid .* 80 distinct values in 80 "
+        r"entries, so they look unquantized; quantize this parameter first, or pass its alphabet "
+        r"\(alphabets=\{'x': ...\}\), or leave it out of the export \(mask=\)",
+    ):
+        export.quantize_array(w, name="x")
+    # How far off: the nudged entry is 0.01 steps from its letter.
     nudged = q.at[3, 2].add(0.01 * alphabet.step)
-    with pytest.raises(ValueError, match=r"1 of 80 entries, e.g. w\[3, 2\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"1 of 80 entries, e.g. w\[3, 2\] = .* is 0.01 steps from its nearest letter .*; "
+        "quantize this parameter first, or pass the alphabet it was quantized to",
+    ):
         export.quantize_array(nudged, alphabet)
 
 
@@ -344,6 +478,43 @@ def test_export_params_uses_the_given_alphabets():
     np.testing.assert_array_equal(kernel.scale[0], alphabet.step)
 
 
+def test_pattern_masks():
+    _, variables, _ = _conv_variables()
+    packed = export.export_params(variables, mask="params/Conv_0/kernel")
+    assert _packed_names(packed) == {"params/Conv_0/kernel"}
+    packed = export.export_params(variables, mask=".*/(kernel|embedding)")
+    assert _packed_names(packed) == {"params/Conv_0/kernel", "params/Dense_0/kernel"}
+    # A pattern must match a whole path: "Conv_0/kernel" names nothing in the variables.
+    with pytest.raises(
+        ValueError,
+        match=r"mask pattern 'Conv_0/kernel' \(re.fullmatch on the leaf paths\) selects no leaf "
+        "to export; leaves: batch_stats/BatchNorm_0/mean, .*, params/Dense_0/kernel",
+    ):
+        export.export_params(variables, mask="Conv_0/kernel")
+    with pytest.raises(ValueError, match="invalid path pattern"):
+        export.export_params(variables, mask="Conv_0/(kernel")
+    with pytest.raises(ValueError, match=r"^mask selects no leaf to export; leaves: "):
+        export.export_params(variables, mask=jax.tree.map(lambda _: False, variables))
+    with pytest.raises(ValueError, match=r"default mask \(leaves named kernel or embedding\) "):
+        export.export_params({"dense": {"bias": jnp.ones(3)}})
+
+
+def test_nnx_alphabets_are_keyed_by_path_name():
+    # NNX state paths end in the Variable's "value"; the names drop it: "kernel", not
+    # "kernel/value", as for the Linen params of the same layer.
+    layer = nnx.Linear(20, 6, rngs=nnx.Rngs(0))
+    q, alphabet = _quantize(layer.kernel.get_value(), 2, granularity="group")
+    layer.kernel.set_value(q)
+    state = nnx.state(layer)
+    packed = export.export_params(state, alphabets={"kernel": alphabet})
+    kernel = packed["kernel"].get_value()
+    assert isinstance(packed["kernel"], nnx.Param) and export.is_quantized(kernel)
+    np.testing.assert_array_equal(kernel.scale, alphabet.step)
+    _assert_bitwise_equal(export.dequantize(packed)["kernel"].get_value(), q)
+    with pytest.raises(ValueError, match=r"unknown or unmasked layers \['kernel/value'\]"):
+        export.export_params(state, alphabets={"kernel/value": alphabet})
+
+
 # --------------------------------------------------------------------------------- orbax
 
 
@@ -446,3 +617,142 @@ def test_ptb_lstm_after_msq():
     tokens = jax.random.randint(jax.random.key(16), (3, 5), 0, 50)
     inputs = (tokens, model.initial_carry(3))
     _apply_packed_and_float(model, inputs, lambda p: _msq_params(p, 1), train=False)
+
+
+# ------------------------------------------------------------------------------ Flax NNX
+
+
+class NNXMLP(nnx.Module):
+    def __init__(self, rngs):
+        self.fc1 = nnx.Linear(12, 16, rngs=rngs)
+        self.norm = nnx.BatchNorm(16, rngs=rngs)
+        self.fc2 = nnx.Linear(16, 5, rngs=rngs)
+
+    def __call__(self, x):
+        return self.fc2(self.norm(nnx.relu(self.fc1(x))))
+
+
+@functools.cache
+def _quantized_nnx_mlp():
+    module = NNXMLP(nnx.Rngs(0))
+    module.norm.mean.set_value(0.1 * jnp.arange(16.0))  # non-trivial statistics
+    x = jax.random.normal(jax.random.key(17), (32, 12))
+    spec = LayerSpec(method="gpfq", bits=2)
+    quantized, _ = qjax.quantize_model(module, x, spec=spec, progress=False)
+    quantized.eval()
+    return quantized, x
+
+
+def _float_apply(graphdef):
+    return jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+
+
+def test_nnx_state_export_packs_exactly_the_kernels():
+    module, x = _quantized_nnx_mlp()
+    graphdef, state = nnx.split(module)
+    packed = export.export_params(state)
+    assert _packed_names(packed) == {"fc1/kernel", "fc2/kernel"}
+    kernel = packed["fc1"]["kernel"].get_value()
+    assert (kernel.num_letters, kernel.bits, kernel.scale.shape) == (4, 2, (1, 16))
+    _assert_bitwise_equal(packed["norm"]["mean"].get_value(), state["norm"]["mean"].get_value())
+    for a, b in zip(
+        jax.tree.leaves(export.dequantize(packed)), jax.tree.leaves(state), strict=True
+    ):
+        _assert_bitwise_equal(a, b)
+    apply = jax.jit(export.quantized_apply(graphdef))
+    logits = apply(packed, x)
+    np.testing.assert_allclose(logits, _float_apply(graphdef)(state, x), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(logits, module(x), rtol=1e-5, atol=1e-5)
+    # Only the packed state is held: it is the compiled function's argument, with x.
+    compiled = apply.lower(packed, x).compile()
+    argument_bytes = compiled.memory_analysis().argument_size_in_bytes
+    assert argument_bytes == export.tree_nbytes(packed) + x.nbytes
+    # nnx.state(module, nnx.Param): the params alone, applied with the rest of the state.
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    packed_params = export.export_params(params)
+    assert _packed_names(packed_params) == {"fc1/kernel", "fc2/kernel"}
+    np.testing.assert_array_equal(apply((packed_params, rest), x), logits)
+
+
+def test_nnx_state_save_restore(tmp_path):
+    module, x = _quantized_nnx_mlp()
+    graphdef, state = nnx.split(module)
+    packed = export.export_params(state)
+    export.save(str(tmp_path / "nnx"), packed)
+    restored = export.restore(str(tmp_path / "nnx"))  # the pure dict of the state
+    expected = nnx.to_pure_dict(packed)
+    assert jax.tree.structure(restored) == jax.tree.structure(expected)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(expected), strict=True):
+        _assert_bitwise_equal(a, b)
+    apply = jax.jit(export.quantized_apply(graphdef))
+    np.testing.assert_array_equal(apply(restored, x), apply(packed, x))
+    nnx.replace_by_pure_dict(state, restored)
+    assert _packed_names(state) == {"fc1/kernel", "fc2/kernel"}
+
+
+# The transformer LM of test_engine (token embedding, DenseGeneral/LinearGeneral attention,
+# MLP, a scanned stack of LAYERS blocks, an Einsum head) in Linen and NNX.
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return _linen_and_nnx_lm()
+
+
+KERNELS = {f"blocks/{n}/kernel" for n in ("query", "key", "value", "out", "fc1", "fc2")}
+
+
+def test_scanned_nnx_lm_group_wise(lm, tmp_path):
+    _, _, module, calibration = lm
+    spec = LayerSpec(method="gpfq", bits=2, group_size=4)
+    quantized, _ = qjax.quantize_model(module, calibration, spec=spec, progress=False)
+    graphdef, state = nnx.split(quantized)
+    # The embedding stays float: the default mask (kernels and embeddings) names it.
+    with pytest.raises(ValueError, match="weights of 'embed/embedding' are off the alphabet"):
+        export.export_params(state, group_size=4)
+    packed = export.export_params(state, mask=".*/kernel", group_size=4)
+    assert _packed_names(packed) == KERNELS | {"head/kernel"}
+    # One step per slice, group of 4 inputs and output column of each matrix view.
+    query = packed["blocks"]["query"]["kernel"].get_value()
+    assert query.shape == (LAYERS, D, HEADS, D // HEADS)
+    assert (query.scale.shape, query.group_size, query.bits) == ((LAYERS, D // 4, D), 4, 2)
+    fc2 = packed["blocks"]["fc2"]["kernel"].get_value()
+    assert (fc2.scale.shape, fc2.group_size) == ((LAYERS, 2 * D // 4, D), 4)
+    for a, b in zip(
+        jax.tree.leaves(export.dequantize(packed)), jax.tree.leaves(state), strict=True
+    ):
+        _assert_bitwise_equal(a, b)
+    tokens = calibration[0]
+    apply = jax.jit(export.quantized_apply(graphdef))
+    logits = apply(packed, tokens)
+    np.testing.assert_allclose(logits, _float_apply(graphdef)(state, tokens), rtol=1e-6, atol=1e-6)
+    # The group size travels with the checkpoint.
+    export.save(str(tmp_path / "lm"), packed)
+    restored = export.restore(str(tmp_path / "lm"))
+    restored_query = restored["blocks"]["query"]["kernel"]
+    assert (restored_query.shape, restored_query.group_size) == (query.shape, 4)
+    _assert_bitwise_equal(restored_query.scale, query.scale)
+    np.testing.assert_array_equal(apply(restored, tokens), logits)
+
+
+def test_scanned_linen_lm_per_channel(lm):
+    model, variables, _, calibration = lm
+    spec = LayerSpec(method="msq", bits=3)
+    quantized, _ = qjax.quantize_model(model, variables, calibration, spec=spec, progress=False)
+    packed = export.export_params(quantized, mask="params/.*/kernel")
+    assert _packed_names(packed) == {f"params/{name}" for name in KERNELS | {"head/kernel"}}
+    blocks = packed["params"]["blocks"]
+    # One 8-letter grid per slice and output channel, found without being told the layout.
+    assert blocks["query"]["kernel"].scale.shape == (LAYERS, 1, HEADS, D // HEADS)
+    assert blocks["out"]["kernel"].scale.shape == (LAYERS, 1, 1, D)
+    assert blocks["fc1"]["kernel"].scale.shape == (LAYERS, 1, 2 * D)
+    assert {blocks[n]["kernel"].num_letters for n in ("query", "out", "fc1")} == {8}
+    for a, b in zip(
+        jax.tree.leaves(export.dequantize(packed)), jax.tree.leaves(quantized), strict=True
+    ):
+        _assert_bitwise_equal(a, b)
+    tokens = calibration[0]
+    logits = jax.jit(export.quantized_apply(model.apply))(packed, tokens)
+    np.testing.assert_allclose(
+        logits, jax.jit(model.apply)(quantized, tokens), rtol=1e-6, atol=1e-6
+    )
