@@ -22,9 +22,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import qjax
-from qjax import alphabets, methods
+from qjax import LayerSpec, alphabets, methods, quantize_model
 from qjax.methods import gpfq
-from qjax.model_quant import LayerSpec, quantize_model
 from qjax.patches import ConvGeometry, conv_patches, kernel_to_matrix, matrix_to_kernel
 from qjax.reference import gpfq_reference
 from qjax.stats import (
@@ -404,7 +403,7 @@ def quantize_small_cnn(variables, batches, mesh):
             stats = gram_stats_update(
                 stats, rows(params, name, images), rows(quantized, name, images)
             )
-        q = methods.get(spec.method).quantize(matrix, stats, spec.make_alphabet(kernel))
+        q = methods.get(spec.method).quantize(matrix, stats, spec.make_alphabet(matrix))
         errors[name] = float(qjax.relative_error(matrix, q, stats))
         q = whole(q)
         quantized[name] = {
