@@ -1,4 +1,4 @@
-"""Tests of qjax's Qronos against the NumPy transcription of the paper's two steps, plus properties."""
+"""Tests of qjax's Qronos against the NumPy transcription of the paper's steps, plus properties."""
 
 import pathlib
 import subprocess
@@ -293,7 +293,7 @@ def test_bad_input():
         qronos_from_stats(jnp.ones((4, 2)), stats, alphabet)
     with pytest.raises(ValueError, match="w contains NaN"):
         qronos_from_stats(jnp.full((3, 2), jnp.nan), stats, alphabet)
-    with pytest.raises(ValueError, match="stats.cross contains NaN"):
+    with pytest.raises(ValueError, match=r"stats\.cross contains NaN"):
         nan_cross = GramStats(stats.gram, jnp.full((3, 3), jnp.nan), stats.count)
         qronos_from_stats(jnp.ones((3, 2)), nan_cross, alphabet)
     with pytest.raises(ValueError, match="damping"):
