@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import qjax
+from benchmarks.gpfq_layer import gram_floor
 from benchmarks.timing import best_time
 from qjax import alphabets
 from qjax.methods import GPFQ, GPTQ, Qronos
@@ -41,15 +42,6 @@ from qjax.methods.qronos import DEFAULT_DAMPING, largest_eigenvalue
 from qjax.patches import ConvGeometry, conv_patches
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-
-
-@jax.jit
-def gram_floor(x, x_tilde):
-    """X~ᵀX~ and X~ᵀX, one jitted program."""
-    return (
-        jnp.matmul(x_tilde.T, x_tilde, precision=_HIGHEST),
-        jnp.matmul(x_tilde.T, x, precision=_HIGHEST),
-    )
 
 
 @jax.jit

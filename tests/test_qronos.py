@@ -16,16 +16,9 @@ from qjax.methods.base import _quantize_batched
 from qjax.methods.qronos import largest_eigenvalue
 from qjax.reference import qronos_reference
 from qjax.stats import GramStats
+from tests.test_gpfq import correlated_inputs, x64  # noqa: F401 (x64: a fixture)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def correlated_inputs(rng, m, n0, *, noise=0.2, dtype=np.float64):
-    """X with correlated columns and X~ a perturbed copy (a quantized network's inputs)."""
-    mixing = rng.normal(size=(n0, n0)) / np.sqrt(n0) + np.eye(n0)
-    x = rng.normal(size=(m, n0)) @ mixing
-    x_tilde = x + noise * rng.normal(size=(m, n0))
-    return x.astype(dtype), x_tilde.astype(dtype)
 
 
 def reference_letters(alphabet, n0):
@@ -46,12 +39,6 @@ def make_alphabet(kind, w):
     if kind == "letters":
         return alphabets.from_letters(np.array([-0.5, -0.1, 0.0, 0.05, 0.3]))
     raise AssertionError(kind)
-
-
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
 
 
 @pytest.mark.usefixtures("x64")
@@ -81,7 +68,7 @@ def test_codes_equal_numpy_reference(m, n0, n1, kind, act_order, damping):
 
 
 @pytest.mark.usefixtures("x64")
-@pytest.mark.parametrize("block_size", [1, 3, 8, 64, 1000])
+@pytest.mark.parametrize("block_size", [1, 8, 1000])
 def test_block_size_does_not_change_codes(block_size):
     rng = np.random.default_rng(1)
     x, x_tilde = correlated_inputs(rng, 90, 37)  # 37: not a multiple of any block size above
@@ -130,7 +117,7 @@ def test_beats_gpfq_and_gptq_on_mismatched_inputs(m, n0):
     """Correlated inputs, X~ ≠ X (noise 0.2): Qronos's ||XW - X~Q|| is below both baselines'."""
     for seed in range(3):
         rng = np.random.default_rng(10 + seed)
-        x, x_tilde = correlated_inputs(rng, m, n0, dtype=np.float32)
+        x, x_tilde = correlated_inputs(rng, m, n0, noise=0.2, dtype=np.float32)
         w = rng.normal(scale=0.3, size=(n0, 24)).astype(np.float32)
         alphabet = alphabets.for_weights(w, c=1.0, bits=3, rule="max", per_channel=True)
         stats = qjax.gram_stats(x, x_tilde, track_error=True)

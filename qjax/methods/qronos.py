@@ -204,15 +204,7 @@ class Qronos(QuantizationMethod):
         check_positive_int("block_size", self.block_size)
 
     def quantize_matrix(self, w: jax.Array, stats: GramStats, alphabet: AnyAlphabet) -> jax.Array:
-        return _qronos_matrix(
-            w,
-            stats.gram,
-            stats.cross,
-            alphabet,
-            damping=self.damping,
-            block_size=self.block_size,
-            act_order=self.act_order,
-        )
+        return _qronos_matrix(w, stats.gram, stats.cross, alphabet, **dataclasses.asdict(self))
 
 
 def qronos_from_stats(
@@ -239,5 +231,6 @@ def qronos_from_stats(
     Returns:
       Q, same shape as w, every entry a letter of A.
     """
-    method = Qronos(damping=damping, block_size=block_size, act_order=act_order)
-    return method.quantize(w, stats, alphabet)
+    return Qronos(damping=damping, block_size=block_size, act_order=act_order).quantize(
+        w, stats, alphabet
+    )
