@@ -14,7 +14,9 @@ The floor is the arithmetic Qronos cannot avoid, timed as one jitted program: X~
 from the rows; the Cholesky factorization of G + λI; (H + λI)W and one triangular solve with it
 (the least-squares fit); one (N0 × N0)·(N0 × N1) product (the diffusion of the rounding errors).
 Two ratios: the whole layer (statistics from the rows, then Qronos) over the whole floor, and
-Qronos from the statistics over the floor without the Gram products.
+Qronos from the statistics over the floor without the Gram products. Each time is the best of
+`--repeats` rounds (four times as many for the short from-statistics parts), the method and its
+floor called in turn in each round, so that the load of a shared machine falls on both alike.
 
 The Brevitas part (needs `torch` and `brevitas`; skipped with a line saying so otherwise) runs
 Brevitas's GPFQ, GPTQ and Qronos on the same layers from the same statistics (injected into its
@@ -35,7 +37,7 @@ import numpy as np
 
 import qjax
 from benchmarks.gpfq_layer import gram_floor
-from benchmarks.timing import best_time
+from benchmarks.timing import best_time, wall_times
 from qjax import alphabets
 from qjax.methods import GPFQ, GPTQ, Qronos
 from qjax.methods.qronos import DEFAULT_DAMPING, largest_eigenvalue
@@ -83,23 +85,38 @@ def four_bit(w):
     return alphabets.symmetric(7, jnp.max(jnp.abs(w), axis=0) / 7)
 
 
+def interleaved_best(fns, repeats):
+    """The best time of each of `fns` (name -> callable), the calls interleaved round by round, so
+    that the load of a shared machine falls on all of them alike."""
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            best[name] = min(best[name], *wall_times(fn, repeats=1))
+    return best
+
+
 def bench_qjax(w, x, x_tilde, repeats):
     """Times and the statistics (with XᵀX, for errors) of one layer."""
     alphabet = four_bit(w)
     method = Qronos()
     stats = qjax.gram_stats(x, x_tilde)
     lam = DEFAULT_DAMPING * largest_eigenvalue(stats.gram)
-    times = dict(
-        floor=best_time(lambda: whole_floor(x, x_tilde, w, lam), repeats=repeats),
-        layer=best_time(
-            lambda: method.quantize(w, qjax.gram_stats(x, x_tilde), alphabet), repeats=repeats
+    whole = interleaved_best(
+        dict(
+            floor=lambda: whole_floor(x, x_tilde, w, lam),
+            layer=lambda: method.quantize(w, qjax.gram_stats(x, x_tilde), alphabet),
         ),
-        solve_floor=best_time(
-            lambda: solve_floor(stats.gram, stats.cross, w, lam), repeats=repeats
-        ),
-        from_stats=best_time(lambda: method.quantize(w, stats, alphabet), repeats=repeats),
+        repeats,
     )
-    return times, qjax.gram_stats(x, x_tilde, track_error=True)
+    # The parts from statistics are short: more rounds for the same confidence.
+    from_stats = interleaved_best(
+        dict(
+            solve_floor=lambda: solve_floor(stats.gram, stats.cross, w, lam),
+            from_stats=lambda: method.quantize(w, stats, alphabet),
+        ),
+        4 * repeats,
+    )
+    return whole | from_stats, qjax.gram_stats(x, x_tilde, track_error=True)
 
 
 def print_qjax_rows(rows):
@@ -140,11 +157,12 @@ def brevitas_layer(w):
     return layer
 
 
-def brevitas_update(name, w, stats, repeats):
-    """Brevitas's `name` ("gpfq", "gptq", "qronos") on W from the statistics: codes, best time.
+def brevitas_update(name, w, stats):
+    """Brevitas's `name` ("gpfq", "gptq", "qronos") on W from the statistics: codes, time.
 
     The statistics go into Brevitas's optimizers as its hooks would leave them (divided by m; its
-    Qronos keeps XᵀX~ where its GPFQ keeps X~ᵀX); only `single_layer_update` is timed.
+    Qronos keeps XᵀX~ where its GPFQ keeps X~ᵀX); only `single_layer_update` is timed, once (it
+    takes seconds to minutes, with no compilation to warm up).
     """
     import time
 
@@ -156,27 +174,24 @@ def brevitas_update(name, w, stats, repeats):
     rows = float(stats.count)
     gram = torch.from_numpy(np.array(stats.gram) / rows)
     cross = torch.from_numpy(np.array(stats.cross) / rows)
-    times, codes = [], None
-    for _ in range(repeats):
-        layer = brevitas_layer(w)
-        if name == "gptq":
-            optimizer = BrevitasGPTQ(layer, "layer", False, 1, False, num_blocks=100)
-        elif name == "gpfq":
-            optimizer = BrevitasGPFQ(layer, "layer", False, 1, True)
-        else:
-            optimizer = BrevitasQronos(layer, "layer", False, 1, True)
-        optimizer.H[0] = gram
-        if name == "gpfq":
-            optimizer.G[0] = cross
-        elif name == "qronos":
-            optimizer.G[0] = cross.T
-        optimizer.nsamples = int(rows)
-        with torch.no_grad():
-            start = time.perf_counter()
-            optimizer.single_layer_update()
-            times.append(time.perf_counter() - start)
-            codes = layer.quant_weight().value.numpy().T
-    return codes, min(times)
+    layer = brevitas_layer(w)
+    if name == "gptq":
+        optimizer = BrevitasGPTQ(layer, "layer", False, 1, False, num_blocks=100)
+    elif name == "gpfq":
+        optimizer = BrevitasGPFQ(layer, "layer", False, 1, True)
+    else:
+        optimizer = BrevitasQronos(layer, "layer", False, 1, True)
+    optimizer.H[0] = gram
+    if name == "gpfq":
+        optimizer.G[0] = cross
+    elif name == "qronos":
+        optimizer.G[0] = cross.T
+    optimizer.nsamples = int(rows)
+    with torch.no_grad():
+        start = time.perf_counter()
+        optimizer.single_layer_update()
+        elapsed = time.perf_counter() - start
+        return layer.quant_weight().value.numpy().T, elapsed
 
 
 def bench_brevitas(name, w, stats, repeats):
@@ -186,9 +201,9 @@ def bench_brevitas(name, w, stats, repeats):
     for method in (GPFQ(), GPTQ(), Qronos()):
         ours = method.quantize(w, stats, alphabet)
         ours_time = best_time(
-            lambda method=method: method.quantize(w, stats, alphabet), repeats=repeats
+            lambda method=method: method.quantize(w, stats, alphabet), repeats=4 * repeats
         )
-        theirs, theirs_time = brevitas_update(method.name, w, stats, repeats)
+        theirs, theirs_time = brevitas_update(method.name, w, stats)
         agree = float(np.mean(np.asarray(ours) == theirs))
         ours_error = float(qjax.relative_error(w, ours, stats))
         theirs_error = float(qjax.relative_error(w, jnp.asarray(theirs), stats))
@@ -201,7 +216,7 @@ def bench_brevitas(name, w, stats, repeats):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="small sizes, for a quick check")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-brevitas", action="store_true", help="skip the Brevitas part")
     args = parser.parse_args()
     dense = (2000, 196, 100) if args.small else (20_000, 784, 500)
