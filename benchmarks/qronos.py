@@ -12,8 +12,9 @@ matrix of a 3x3, 128 → 128 channel convolution: N0 = 1152, N1 = 128, m = 16384
 (15 letters {-7..7}·δ) per-channel alphabets, X~ = X plus noise (a mismatched X~).
 
 The floor is the arithmetic Qronos cannot avoid, timed as one jitted program: X~ᵀX~ and X~ᵀX
-from the rows; the Cholesky factorization of G + λI; (H + λI)W and one triangular solve with it
-(the least-squares fit); one (N0 × N0)·(N0 × N1) product (the diffusion of the rounding errors).
+from the rows; λ = α·||G||₂ (the 30 power-iteration products G·v of its definition); the
+Cholesky factorization of G + λI; (H + λI)W and one triangular solve with it (the least-squares
+fit); one (N0 × N0)·(N0 × N1) product (the diffusion of the rounding errors).
 Two ratios: the whole layer (statistics from the rows, then Qronos) over the whole floor, and
 Qronos from the statistics over the floor without the Gram products. Each time is the best of
 `--repeats` rounds (four times as many for the short from-statistics parts), the method and its
@@ -30,6 +31,7 @@ Brevitas's on the same layer.
 from __future__ import annotations
 
 import argparse
+import functools
 import platform
 
 import jax
@@ -47,9 +49,11 @@ from qjax.patches import ConvGeometry, conv_patches
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-@jax.jit
-def solve_floor(gram, cross, w, lam):
-    """Cholesky of G + λI, (H + λI)W, a triangular solve, one N0²·N1 product: one program."""
+@functools.partial(jax.jit, static_argnames="damping")
+def solve_floor(gram, cross, w, *, damping=DEFAULT_DAMPING):
+    """λ = α·||G||₂ (power iteration), the Cholesky factor of G + λI, (H + λI)W, a triangular
+    solve and one N0²·N1 product: one program."""
+    lam = damping * largest_eigenvalue(gram)
     damped = gram + lam * jnp.eye(gram.shape[0], dtype=gram.dtype)
     factor = jax.lax.linalg.cholesky(damped, symmetrize_input=False)
     fitted = jax.scipy.linalg.solve_triangular(
@@ -58,8 +62,9 @@ def solve_floor(gram, cross, w, lam):
     return jnp.matmul(factor, fitted, precision=_HIGHEST)
 
 
-def whole_floor(x, x_tilde, w, lam):
-    return solve_floor(*gram_floor(x, x_tilde), w, lam)
+@jax.jit
+def whole_floor(x, x_tilde, w):
+    return solve_floor(*gram_floor(x, x_tilde), w)
 
 
 def layer_data(key, m, n0, n1):
@@ -101,10 +106,9 @@ def bench_qjax(w, x, x_tilde, repeats):
     alphabet = four_bit(w)
     method = Qronos()
     stats = qjax.gram_stats(x, x_tilde)
-    lam = DEFAULT_DAMPING * largest_eigenvalue(stats.gram)
     whole = interleaved_best(
         dict(
-            floor=lambda: whole_floor(x, x_tilde, w, lam),
+            floor=lambda: whole_floor(x, x_tilde, w),
             layer=lambda: method.quantize(w, qjax.gram_stats(x, x_tilde), alphabet),
         ),
         repeats,
@@ -112,7 +116,7 @@ def bench_qjax(w, x, x_tilde, repeats):
     # The parts from statistics are short: more rounds for the same confidence.
     from_stats = interleaved_best(
         dict(
-            solve_floor=lambda: solve_floor(stats.gram, stats.cross, w, lam),
+            solve_floor=lambda: solve_floor(stats.gram, stats.cross, w),
             from_stats=lambda: method.quantize(w, stats, alphabet),
         ),
         4 * repeats,

@@ -11,7 +11,7 @@ import pytest
 
 import qjax
 from qjax import alphabets
-from qjax.methods import GPTQ, Qronos, get, gptq_from_stats, qronos_from_stats
+from qjax.methods import GPTQ, Qronos, get, qronos_from_stats
 from qjax.methods.base import _quantize_batched
 from qjax.methods.qronos import largest_eigenvalue
 from qjax.reference import qronos_reference
@@ -129,26 +129,29 @@ def test_beats_gpfq_and_gptq_on_mismatched_inputs(m, n0):
         assert errors["gpfq"] < errors["msq"], (seed, errors)
 
 
+@pytest.mark.usefixtures("x64")
 def test_few_rows_without_mismatch_gptq_wins():
     """The documented exception: X~ = X with m ≪ N0 (20 rows, 64 inputs, 2 bits). Qronos is then
     GPTQ with the tiny damping λ = 1e-6·||G||₂; its nearly exact least-squares diffusion fits the
     20 rows with large auxiliary weights that clip at the alphabet's ends, and GPTQ's 1% damping
-    ends lower. A larger α (1e-3) brings Qronos back to GPTQ's error."""
-    for seed in range(3):
+    ends lower. A larger α (1e-3) brings Qronos back to GPTQ's error. Means over 4 seeds."""
+    errors = {"qronos": [], "qronos α=1e-3": [], "gptq": []}
+    for seed in range(4):
         rng = np.random.default_rng(seed)
-        x, _ = correlated_inputs(rng, 20, 64, dtype=np.float32)
-        w = rng.normal(scale=0.3, size=(64, 16)).astype(np.float32)
+        x, _ = correlated_inputs(rng, 20, 64)
+        w = rng.normal(scale=0.3, size=(64, 16))
         alphabet = alphabets.for_weights(w, c=1.0, bits=2, rule="max", per_channel=True)
         stats = qjax.gram_stats(x, x, track_error=True)
-
-        def error(q, stats=stats, w=w):
-            return float(qjax.relative_error(w, q, stats))
-
-        qronos = error(qronos_from_stats(w, stats, alphabet))
-        gptq = error(gptq_from_stats(w, stats, alphabet))
-        assert qronos > 1.1 * gptq, (seed, qronos, gptq)
-        damped = error(qronos_from_stats(w, stats, alphabet, damping=1e-3))
-        assert damped < 1.05 * gptq, (seed, damped, gptq)
+        for name, method in [
+            ("qronos", Qronos()),
+            ("qronos α=1e-3", Qronos(damping=1e-3)),
+            ("gptq", GPTQ()),
+        ]:
+            q = method.quantize(w, stats, alphabet)
+            errors[name].append(float(qjax.relative_error(w, q, stats)))
+    mean = {name: np.mean(values) for name, values in errors.items()}
+    assert mean["qronos"] > 1.2 * mean["gptq"], mean
+    assert mean["qronos α=1e-3"] < 1.05 * mean["gptq"], mean
 
 
 @pytest.mark.usefixtures("x64")

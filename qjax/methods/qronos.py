@@ -44,7 +44,7 @@ and λ too small), λ is raised tenfold until it succeeds.
 Where Qronos does not win. With X~ = X it is GPTQ with Hessian G + λI (the paper's Corollary
 3.4), and with few rows (m ≪ N0) the tiny default λ lets its least-squares diffusion fit the rows
 with large auxiliary weights that clip at the alphabet's ends: GPTQ's 1% damping then ends lower
-(about 1.4x at 20 rows, 64 inputs, 2 bits), and a larger α (1e-3) closes the gap; see
+(1.26x on average at 20 rows, 64 inputs, 2 bits), and a larger α (1e-3) closes the gap; see
 `docs/qronos.md`.
 """
 
@@ -109,9 +109,9 @@ def _damped_factor(gram: jax.Array, dead: jax.Array, damping: float):
     def factor(lam):
         return _reversed_cholesky(base + lam * eye)
 
-    def failed(state):
+    def failed(state):  # a failed factorization is all NaN
         _, r, raises = state
-        return ~jnp.all(jnp.isfinite(r)) & (raises < MAX_DAMPING_RAISES)
+        return ~jnp.all(jnp.isfinite(jnp.diagonal(r))) & (raises < MAX_DAMPING_RAISES)
 
     def raise_damping(state):
         lam, _, raises = state
@@ -130,13 +130,6 @@ def _input_alphabet(alphabet: AnyAlphabet, order: jax.Array, w: jax.Array) -> An
     return UniformAlphabet(rows, alphabet.size, group_size=1)
 
 
-def _later_inputs(alphabet: AnyAlphabet) -> AnyAlphabet:
-    """The visiting-order alphabet without its first input."""
-    if not isinstance(alphabet, UniformAlphabet) or alphabet.group_size is None:
-        return alphabet
-    return UniformAlphabet(alphabet.step[1:], alphabet.size, group_size=1)
-
-
 def _qronos_matrix(
     w: jax.Array,
     gram: jax.Array,
@@ -148,10 +141,10 @@ def _qronos_matrix(
     act_order: bool,
 ) -> jax.Array:
     """Qronos of one (N0, N1) matrix from G = X~ᵀX~ and H = X~ᵀX (N0, N0)."""
-    n0 = w.shape[0]
-    order = jnp.argsort(-jnp.diagonal(gram), stable=True) if act_order else jnp.arange(n0)
-    w, gram, cross = w[order], gram[order][:, order], cross[order][:, order]
-    alphabet = _input_alphabet(alphabet, order, w)
+    if act_order:
+        order = jnp.argsort(-jnp.diagonal(gram), stable=True)
+        w, gram, cross = w[order], gram[order][:, order], cross[order][:, order]
+        alphabet = _input_alphabet(alphabet, order, w)
     diag = jnp.diagonal(gram)
     dead = diag <= 0
     lam, r = _damped_factor(gram, dead, damping)
@@ -160,29 +153,20 @@ def _qronos_matrix(
     b = jnp.matmul(cross, w, precision=_HIGHEST) + lam * w
     b = jnp.where(dead[:, None], 0.0, b)
 
-    # Step 1 (correct the past): hold the later inputs at w, fit input 1 to Xw.
-    later_sum = jnp.matmul(gram[0], w, precision=_HIGHEST) - diag[0] * w[0]
-    argument = jnp.where(dead[0], 0.0, (b[0] - later_sum) / (diag[0] + lam))
-    q_first = alphabet.for_input(0).project(argument)
-    if n0 == 1:
-        return q_first[None]
-
-    # Steps 2..N0 (shape the future): the nearest-plane recursion on M = RRᵀ, with q_1 fixed.
+    # Steps 2..N0 (shape the future): the nearest-plane recursion on M = RRᵀ.
     r_diag = jnp.diagonal(r)
     targets = r_diag[:, None] * jax.scipy.linalg.solve_triangular(r, b, lower=False)
     lower = r_diag[:, None] * r.T  # S_ts = R_tt R_st for s ≤ t
     coupling = lower + lower.T - jnp.diag(r_diag * r_diag)  # symmetric, as the scan reads rows
-    targets = targets[1:] - coupling[1:, :1] * q_first[None, :]
-    q_later = gpfq_from_targets(
-        w[1:],
-        targets,
-        coupling[1:, 1:],
-        _later_inputs(alphabet),
-        block_size=block_size,
-        dead_tol=0.0,
-    )
-    q = jnp.concatenate([q_first[None].astype(q_later.dtype), q_later])
-    return jnp.zeros_like(q).at[order].set(q)
+
+    # Step 1 (correct the past): hold the later inputs at w, fit input 1 to Xw. With S_11 = 1 and
+    # T_1 this argument, the recursion rounds it as it is, then carries q_1 into the later inputs.
+    later_sum = jnp.matmul(gram[0], w, precision=_HIGHEST) - diag[0] * w[0]
+    argument = jnp.where(dead[0], 0.0, (b[0] - later_sum) / (diag[0] + lam))
+    targets = targets.at[0].set(argument)
+    coupling = coupling.at[0, 0].set(1.0)
+    q = gpfq_from_targets(w, targets, coupling, alphabet, block_size=block_size, dead_tol=0.0)
+    return jnp.zeros_like(q).at[order].set(q) if act_order else q
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
