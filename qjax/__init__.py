@@ -2,8 +2,9 @@
 
 Two published methods:
 
-* GPFQ, greedy path-following quantization (Lybrand & Saab), post-training, with the baselines
-  GPTQ and MSQ (round to nearest): method objects (`GPFQ`, `GPTQ`, `MSQ`) over streamed
+* GPFQ, greedy path-following quantization (Lybrand & Saab), post-training, with its successor
+  Qronos and the baselines GPTQ and MSQ (round to nearest): method objects (`GPFQ`, `Qronos`,
+  `GPTQ`, `MSQ`) over streamed
   statistics (`gram_stats_update`), the layer-level `gpfq_layer` / `gpfq_conv`, and
   `quantize_model` for whole Flax Linen and NNX models (Dense, DenseGeneral, Einsum, Conv,
   attention, scanned stacks), driven by ordered `rules` of `LayerSpec`s.
@@ -41,12 +42,14 @@ from qjax.methods import (
     GPFQ,
     GPTQ,
     MSQ,
+    Qronos,
     QuantizationMethod,
     gpfq_conv,
     gpfq_from_stats,
     gpfq_layer,
     gptq_from_stats,
     msq,
+    qronos_from_stats,
 )
 from qjax.rules import LayerSpec, Rules
 from qjax.stats import (
@@ -79,6 +82,7 @@ __all__ = [
     "LayerReport",
     "LayerSpec",
     "ProxQuantState",
+    "Qronos",
     "QuantizationMethod",
     "Rules",
     "adapters",
@@ -109,6 +113,7 @@ __all__ = [
     "patches",
     "prox",
     "prox_quant",
+    "qronos_from_stats",
     "quantization_error",
     "quantize_model",
     "reestimate_batch_stats",

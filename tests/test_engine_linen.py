@@ -278,3 +278,20 @@ def test_conv_neurons_per_input_channel_as_in_the_paper_code():
     assert reports[0].kind == "Conv" and reports[0].num_letters == 4
     with pytest.raises(ValueError, match="conv_neurons must be"):
         LayerSpec(conv_neurons="filter")
+
+
+def test_mlp_qronos_equals_hand_calls(mlp):
+    """Qronos reads X~ᵀX from the float and the partly quantized model, like GPFQ."""
+    model, variables, x = mlp
+    spec = LayerSpec(method=qjax.Qronos(damping=1e-3), bits=2, c=1.0, rule="max")
+    quantized, reports = quantize_model(model, variables, x, spec=spec, progress=False)
+    partial = variables
+    for layer in range(3):
+        name = f"Dense_{layer}"
+        w = variables["params"][name]["kernel"]
+        stats = qjax.gram_stats(mlp_hidden(variables, x, layer), mlp_hidden(partial, x, layer))
+        alphabet = alphabets.for_weights(w, c=1.0, bits=2, rule="max", per_channel=True)
+        q = qjax.qronos_from_stats(w, stats, alphabet, damping=1e-3)
+        np.testing.assert_allclose(quantized["params"][name]["kernel"], q, atol=1e-6)
+        partial = with_kernel(partial, name, q)
+    assert [r.method for r in reports] == ["qronos"] * 3
