@@ -1,14 +1,16 @@
 """Word-level Penn Treebank: a 4-layer, 128-wide transformer (2.1 M parameters, 1.3 M of them
-the tied 10,000-word embedding), sized to train in about 30 minutes on 2 CPU cores.
+the tied 10,000-word embedding), 3 epochs, sized for about 30 minutes on this 2-core machine.
 
     python -m experiments.lm.main --config=experiments/lm/configs/ptb.py \
         --workdir=/tmp/qjax/lm_ptb
 
-Budget: measured at ≈ 0.7 s per step of 32 × 128 tokens on this machine's 2 cores (≈ 6,000
-tokens/s, while other jobs ran), 226 steps per epoch, so 10 epochs ≈ 27 minutes of training
-plus ≈ 10 s of validation per epoch. Of the sizes timed, the smaller model with more epochs is
-the better use of a fixed CPU budget: the 10,000-way softmax costs as much as the blocks, and
-PTB's 0.93 M training words allow several passes with dropout 0.1.
+Budget, from 8–10 timed steps of 32 × 128 tokens: 1.6 CPU-seconds per step (so ≈ 0.8 s of
+wall time with both cores free); measured wall time 4.2–5.5 s per step while other jobs kept the
+load average at 8–15. 226 steps per epoch, so 3 epochs (678 steps) take ≈ 10 minutes on a free
+machine and 30–60 minutes shared, plus ≈ 30 s of validation per epoch. Of the sizes timed
+(d_model 128–256, 2–4 layers), this one gives the most steps in the budget at 4 layers: the
+10,000-way softmax costs as much as the blocks, and a larger model would see PTB's 0.93 M
+training words about once.
 """
 
 import ml_collections
@@ -37,9 +39,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.seq_len = 128
     config.batch_size = 32
     config.eval_batch_size = 64
-    config.epochs = 10
+    config.epochs = 3
     config.learning_rate = 3e-3
-    config.warmup_steps = 200
+    config.warmup_steps = 50
     config.weight_decay = 0.1
     config.grad_clip = 1.0
     return config
