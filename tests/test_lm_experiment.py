@@ -42,8 +42,8 @@ def test_tiny_run_end_to_end(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert "| float |" in table and "Machine:" in table
     # The saved float model is the trained one.
-    model = pipeline.restore_float_model(config, str(tmp_path))
     corpus = pipeline.load_corpus(config)
+    model = pipeline.restore_float_model(config, str(tmp_path), vocab_size=len(corpus.vocab))
     valid = transformer.perplexity(
         model, corpus.valid, batch_size=config.eval_batch_size, seq_len=config.seq_len
     )

@@ -27,7 +27,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -57,17 +56,13 @@ def load_corpus(config: ml_collections.ConfigDict) -> data.TextCorpus:
     raise ValueError(f"config.dataset must be 'ptb' or 'chars', got {config.dataset!r}")
 
 
-def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> TransformerConfig:
-    """The `TransformerConfig` of `config.model`, with max_len = config.seq_len."""
-    return TransformerConfig(vocab_size=vocab_size, max_len=config.seq_len, **config.model)
-
-
 def make_model(config: ml_collections.ConfigDict, vocab_size: int) -> TransformerLM:
-    """A freshly initialized `TransformerLM` (parameters from config.seed, dropout stream too)."""
-    return TransformerLM(
-        model_config(config, vocab_size),
-        rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1),
-    )
+    """A fresh `TransformerLM` of `config.model`'s sizes, max_len = config.seq_len.
+
+    Parameters and dropout streams are seeded from config.seed.
+    """
+    model_config = TransformerConfig(vocab_size=vocab_size, max_len=config.seq_len, **config.model)
+    return TransformerLM(model_config, rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1))
 
 
 def steps_per_epoch(config: ml_collections.ConfigDict, num_train_tokens: int) -> int:
@@ -218,23 +213,26 @@ def save_float_model(model: TransformerLM, workdir: common.Workdir) -> None:
         checkpointer.save(workdir.file(FLOAT_MODEL), nnx.state(model, nnx.Param), force=True)
 
 
-def restore_float_model(config: ml_collections.ConfigDict, workdir: str) -> TransformerLM:
+def restore_float_model(
+    config: ml_collections.ConfigDict, workdir: str, *, vocab_size: int
+) -> TransformerLM:
     """The float model that `run(config, workdir)` trained and saved.
 
     Args:
       config: the experiment config of that run (its sizes rebuild the model).
       workdir: the run's workdir.
+      vocab_size: the corpus's vocabulary size (`len(load_corpus(config).vocab)`).
 
     Returns:
-      The `TransformerLM` with the saved parameters.
+      The `TransformerLM` with the saved parameters (in training mode, as built).
     """
-    corpus = load_corpus(config)
-    model = nnx.eval_shape(lambda: make_model(config, len(corpus.vocab)))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    model = make_model(config, vocab_size)
     with common._quiet(), ocp.StandardCheckpointer() as checkpointer:
-        params = checkpointer.restore(os.path.join(os.path.abspath(workdir), FLOAT_MODEL), params)
-    rest = jax.tree.map(jnp.zeros_like, rest)  # abstract RNG state → concrete placeholders
-    return nnx.merge(graphdef, params, rest)
+        params = checkpointer.restore(
+            os.path.join(os.path.abspath(workdir), FLOAT_MODEL), nnx.state(model, nnx.Param)
+        )
+    nnx.update(model, params)
+    return model
 
 
 def results_markdown(results: dict) -> str:

@@ -116,14 +116,15 @@ class TransformerLM(nnx.Module):
     Submodules: `embed` (nnx.Embed, vocab × d_model), `position` (nnx.Embed, max_len × d_model),
     `blocks` (a list of `Block`, or one stacked `Block` when `config.scan_layers`), `final_norm`,
     and `head` (nnx.Linear, d_model → vocab) unless `config.tied_head`.
+
+    Args:
+      config: the sizes and options.
+      rngs: its 'params' stream initializes the weights; its 'dropout' stream (else 'default')
+        seeds the dropout streams that the model keeps (`nnx.reseed(model, dropout=key)`
+        redraws them).
     """
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
-        """Args:
-        config: the sizes and options.
-        rngs: 'params' initializes the weights; 'dropout' (default: the 'default' stream) is
-          the dropout stream kept by the model.
-        """
         self.config = config
         self.embed = nnx.Embed(
             config.vocab_size, config.d_model, embedding_init=_init(config), rngs=rngs
