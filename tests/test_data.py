@@ -257,6 +257,9 @@ def test_batchify_and_bptt_windows():
     np.testing.assert_array_equal(windows[0][1], [[1, 2, 3], [6, 7, 8]])
     np.testing.assert_array_equal(windows[1][0], [[3], [8]])
     np.testing.assert_array_equal(windows[1][1], [[4], [9]])
+    full = list(data.bptt_windows(streams, 3, drop_remainder=True))
+    assert len(full) == 1 and full[0][0].shape == (2, 3)
+    assert len(list(data.bptt_windows(streams, 2, drop_remainder=True))) == 2  # 4 targets
     with pytest.raises(ValueError, match="batch_size"):
         data.batchify(np.arange(3), 4)
     with pytest.raises(ValueError, match="1-D"):

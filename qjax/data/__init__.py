@@ -1,4 +1,5 @@
-"""Datasets for qjax's experiments: MNIST, CIFAR-10 and Penn Treebank, plus batching helpers.
+"""Datasets for qjax's experiments: MNIST, CIFAR-10, Penn Treebank and a shipped character
+corpus, plus batching helpers (images, BPTT streams, next-token windows).
 
 Every loader searches a data directory of the standard files, then TFDS (prepared datasets, read
 with `tfds.data_source` without TensorFlow), then, for MNIST, a real 5,000-image subset shipped by
@@ -17,7 +18,15 @@ from qjax.data.batching import (
     normalize,
 )
 from qjax.data.images import ImageDataset, load_cifar10, load_mnist, read_idx
-from qjax.data.text import TextCorpus, load_ptb
+from qjax.data.text import (
+    TextCorpus,
+    calibration_batches,
+    check_ids,
+    eval_windows,
+    load_char_corpus,
+    load_ptb,
+    sample_windows,
+)
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -28,11 +37,16 @@ __all__ = [
     "TextCorpus",
     "batchify",
     "bptt_windows",
+    "calibration_batches",
+    "check_ids",
+    "eval_windows",
     "flip_and_crop",
     "image_batches",
+    "load_char_corpus",
     "load_cifar10",
     "load_mnist",
     "load_ptb",
     "normalize",
     "read_idx",
+    "sample_windows",
 ]

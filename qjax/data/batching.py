@@ -87,12 +87,16 @@ def batchify(ids: np.ndarray, batch_size: int) -> np.ndarray:
     return ids[: batch_size * length].reshape(batch_size, length)
 
 
-def bptt_windows(streams: np.ndarray, seq_len: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def bptt_windows(
+    streams: np.ndarray, seq_len: int, *, drop_remainder: bool = False
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Consecutive truncated-backprop windows over batchified streams.
 
     Args:
       streams: (batch, T) ids from `batchify`.
-      seq_len: window length (BPTT); the last window may be shorter.
+      seq_len: window length (BPTT).
+      drop_remainder: drop the last window when it is shorter than `seq_len` (every window then
+        has one shape, so a jitted step compiles once).
 
     Yields:
       (inputs (batch, ℓ), targets (batch, ℓ)), targets being the inputs shifted by one token.
@@ -101,6 +105,8 @@ def bptt_windows(streams: np.ndarray, seq_len: int) -> Iterator[tuple[np.ndarray
         raise ValueError(f"seq_len must be positive, got {seq_len}")
     for start in range(0, streams.shape[1] - 1, seq_len):
         stop = min(start + seq_len, streams.shape[1] - 1)
+        if drop_remainder and stop - start < seq_len:
+            return
         yield streams[:, start:stop], streams[:, start + 1 : stop + 1]
 
 

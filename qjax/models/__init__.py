@@ -1,11 +1,14 @@
-"""Flax Linen models of the papers' experiments.
+"""Models of the papers' experiments (Flax Linen) and a transformer language model (Flax NNX).
 
 GPFQ: the MNIST MLPs (`MLP`, `scaled_mlp`) and the CIFAR-10 CNN (`CNN`).
 ProxQuant: CIFAR ResNet-20/32/44/56 (`qjax.models.resnet`) and the Penn Treebank LSTM language
 model (`qjax.models.lstm`).
+Post-training quantization of language models: the decoder-only `TransformerLM` (NNX), with
+`qjax.models.transformer.perplexity` and `generate`.
 """
 
 from qjax.models.cnn import CNN
 from qjax.models.mlp import MLP, scaled_mlp
+from qjax.models.transformer import TransformerConfig, TransformerLM
 
-__all__ = ["CNN", "MLP", "scaled_mlp"]
+__all__ = ["CNN", "MLP", "TransformerConfig", "TransformerLM", "scaled_mlp"]

@@ -1,0 +1,1 @@
+"""A transformer language model trained for post-training quantization (PTB, characters)."""

@@ -1,0 +1,47 @@
+"""Word-level Penn Treebank: a 4-layer, 128-wide transformer (2.1 M parameters, 1.3 M of them
+the tied 10,000-word embedding), 3 epochs, sized for about 30 minutes on this 2-core machine.
+
+    python -m experiments.lm.main --config=experiments/lm/configs/ptb.py \
+        --workdir=/tmp/qjax/lm_ptb
+
+Budget, from 8–10 timed steps of 32 × 128 tokens: 1.6 CPU-seconds per step (so ≈ 0.8 s of
+wall time with both cores free); measured wall time 4.2–5.5 s per step while other jobs kept the
+load average at 8–15. 226 steps per epoch, so 3 epochs (678 steps) take ≈ 10 minutes on a free
+machine and 30–60 minutes shared, plus ≈ 30 s of validation per epoch. Of the sizes timed
+(d_model 128–256, 2–4 layers), this one gives the most steps in the budget at 4 layers: the
+10,000-way softmax costs as much as the blocks, and a larger model would see PTB's 0.93 M
+training words about once.
+"""
+
+import ml_collections
+
+# Parameters of the model below (tied head, max_len = seq_len = 128).
+NUM_PARAMS = 2_089_728
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.dataset = "ptb"
+    config.text_file = ""  # chars only
+    config.data_dir = ""  # empty: $QJAX_DATA_DIR, ../shared/data
+    config.seed = 0
+    config.model = ml_collections.ConfigDict(
+        {
+            "num_layers": 4,
+            "num_heads": 4,
+            "d_model": 128,
+            "mlp_dim": 512,
+            "dropout_rate": 0.1,
+            "tied_head": True,
+            "scan_layers": False,
+        }
+    )
+    config.seq_len = 128
+    config.batch_size = 32
+    config.eval_batch_size = 64
+    config.epochs = 3
+    config.learning_rate = 3e-3
+    config.warmup_steps = 50
+    config.weight_decay = 0.1
+    config.grad_clip = 1.0
+    return config

@@ -1,0 +1,166 @@
+"""Tests of experiments/lm: the tiny run end to end, batches, resume, the float model, configs."""
+
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from experiments import common
+from experiments.lm import pipeline
+from experiments.lm.configs import ptb, tiny
+from qjax import data, transforms
+from qjax.models import transformer
+
+
+def small_config(**model):
+    """The tiny config made smaller still: a few seconds per epoch."""
+    config = tiny.get_config()
+    config.model.update(num_layers=1, d_model=32, mlp_dim=64, num_heads=2, **model)
+    config.batch_size = 64
+    return config
+
+
+def test_tiny_run_end_to_end(tmp_path):
+    config = tiny.get_config()
+    results = pipeline.run(config, str(tmp_path))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["float"] == results["float"]
+    assert saved["corpus"]["source"] == "package:qjax/data/tiny_english.txt"
+    history = saved["history"]
+    assert history["epoch"] == list(range(1, config.epochs + 1))
+    assert history["train_loss"][-1] < history["train_loss"][0]
+    # Trained: far below the perplexity of a uniform guess over the characters.
+    vocab_size = saved["corpus"]["vocab_size"]
+    assert results["float"]["valid_perplexity"] < vocab_size / 3
+    assert results["float"]["test_perplexity"] < vocab_size / 3
+    assert results["train_tokens_per_s"] > 0 and results["float"]["eval_tokens_per_s"] > 0
+    assert saved["command"].startswith("python -m") and saved["machine"]["devices"]
+    assert saved["config"]["model"]["d_model"] == config.model.d_model
+    table = (tmp_path / "results.md").read_text()
+    assert "| float |" in table and "Machine:" in table
+    # The saved float model is the trained one.
+    corpus = pipeline.load_corpus(config)
+    model = pipeline.restore_float_model(config, str(tmp_path), vocab_size=len(corpus.vocab))
+    valid = transformer.perplexity(
+        model, corpus.valid, batch_size=config.eval_batch_size, seq_len=config.seq_len
+    )
+    assert valid == pytest.approx(results["float"]["valid_perplexity"], rel=1e-5)
+    # A second run resumes from the last checkpoint: no training, the same results.
+    again = pipeline.run(config, str(tmp_path))
+    assert again["float"]["valid_perplexity"] == pytest.approx(valid, rel=1e-5)
+    assert again["history"] == results["history"]
+
+
+def test_train_batches_depend_on_seed_and_epoch_only():
+    config = small_config()
+    config.seq_len, config.batch_size = 8, 4
+    tokens = np.arange(200, dtype=np.int32)
+    batches = pipeline.train_batches(tokens, 0, config)
+    assert len(batches) == pipeline.steps_per_epoch(config, 200) == 6
+    for batch in batches:
+        assert batch.shape == (4, 9) and batch.dtype == np.int32
+        np.testing.assert_array_equal(np.diff(batch, axis=1), 1)
+    starts = np.sort(np.concatenate([b[:, 0] for b in batches]))
+    assert len(set(starts % 8)) == 1  # one offset per epoch; windows never overlap
+    again = pipeline.train_batches(tokens, 0, config)
+    assert all(np.array_equal(a, b) for a, b in zip(batches, again, strict=True))
+    other_epochs = [pipeline.train_batches(tokens, epoch, config)[0] for epoch in range(1, 4)]
+    assert not all(np.array_equal(batches[0], b) for b in other_epochs)
+    with pytest.raises(ValueError, match="too few"):
+        pipeline.steps_per_epoch(config, 30)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_after_a_kill_gives_the_same_parameters(tmp_path):
+    config = small_config(dropout_rate=0.1)
+    corpus = pipeline.load_corpus(config)
+    corpus = corpus._replace(train=corpus.train[:12_000], valid=corpus.valid[:1_000])
+    full, full_history = pipeline.train(config, common.open_workdir(config, tmp_path / "a"), corpus)
+
+    def kill_after_one(phase, epoch):
+        if epoch == 1:
+            raise Interrupted
+
+    killed = common.open_workdir(config, tmp_path / "b", on_checkpoint=kill_after_one)
+    with pytest.raises(Interrupted):
+        pipeline.train(config, killed, corpus)
+    resumed, history = pipeline.train(config, common.open_workdir(config, tmp_path / "b"), corpus)
+    assert history["train_loss"] == full_history["train_loss"]
+    leaves = lambda model: jax.tree.leaves(nnx.state(model, nnx.Param))
+    for a, b in zip(leaves(full), leaves(resumed), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert len(full_history["epoch"]) == 2
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_dropout_follows_the_step_key(scan_layers):
+    """The loss's dropout masks are a function of the key alone (so a resumed run redraws them)."""
+    config = small_config(dropout_rate=0.5, scan_layers=scan_layers)
+    model = pipeline.make_model(config, 11)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    loss_fn = jax.jit(pipeline.lm_loss(graphdef, rest))
+    windows = np.arange(2 * 9, dtype=np.int32).reshape(2, 9) % 11
+    loss = lambda seed: float(loss_fn(params, {}, windows, jax.random.key(seed))[0])
+    assert loss(0) == loss(0) and loss(0) != loss(1)
+
+
+def test_weight_decay_spares_biases_and_layer_norms():
+    config = small_config()
+    model = pipeline.make_model(config, 11)
+    params = nnx.state(model, nnx.Param)
+    tx = pipeline.make_optimizer(config, 100)
+    state = tx.init(params)
+    zero = jax.tree.map(np.zeros_like, params)
+    for _ in range(2):  # the learning rate is 0 at step 0; with zero gradients only weight
+        updates, state = jax.jit(tx.update)(zero, state, params)  # decay moves parameters
+    moved = jax.tree.map(lambda u: bool(np.any(u != 0)), updates)
+    names = jax.tree.leaves(transforms.path_names(moved))
+    flags = dict(zip(names, jax.tree.leaves(moved), strict=True))
+    assert flags["embed/embedding/value"] and flags["blocks/0/mlp_in/kernel/value"]
+    assert flags["blocks/0/attention/query/kernel/value"]
+    assert not flags["blocks/0/mlp_in/bias/value"] and not flags["final_norm/scale/value"]
+
+
+def test_calibration_batches_fit_the_model():
+    config = tiny.get_config()
+    corpus = pipeline.load_corpus(config)
+    model = pipeline.make_model(config, len(corpus.vocab))
+    batch = data.calibration_batches(corpus, num_sequences=4, seq_len=config.seq_len, seed=0)
+    assert nnx.view(model, deterministic=True)(batch).shape == (4, config.seq_len, 65)
+
+
+def test_ptb_config_builds_its_model():
+    config = ptb.get_config()
+    model = nnx.eval_shape(lambda: pipeline.make_model(config, 10_000))
+    count = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert math.isclose(count, ptb.NUM_PARAMS, rel_tol=1e-6)
+    assert pipeline.steps_per_epoch(config, 929_589) > 0
+
+
+def test_unknown_dataset():
+    config = tiny.get_config()
+    config.dataset = "wikitext"
+    with pytest.raises(ValueError, match="'ptb' or 'chars'"):
+        pipeline.load_corpus(config)
+
+
+@pytest.mark.slow
+def test_ptb_pipeline_on_real_data(tmp_path):
+    """Two short epochs of the PTB config's model on the first 40,000 training words."""
+    config = ptb.get_config()
+    try:
+        corpus = pipeline.load_corpus(config)
+    except FileNotFoundError:
+        pytest.skip("Penn Treebank is not available")
+    corpus = corpus._replace(train=corpus.train[:40_000], valid=corpus.valid[:5_000])
+    config.epochs, config.warmup_steps = 2, 5
+    model, history = pipeline.train(config, common.open_workdir(config, tmp_path), corpus)
+    assert history["train_loss"][1] < history["train_loss"][0] < math.log(10_000)
+    assert history["valid_perplexity"][-1] < 2_000
+    assert model.config.vocab_size == 10_000
