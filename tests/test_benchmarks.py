@@ -47,3 +47,17 @@ def test_proxquant_step_benchmark_prints_its_ratios():
     out = run_benchmark("benchmarks.proxquant_step", "--batch_size=8", "--repeats=1")
     assert "adam + prox_quant binary" in out
     assert "ratio" in out
+
+
+@pytest.mark.slow  # qwix's GPTQ alone takes minutes on 2 CPU cores, cold
+def test_peers_benchmark_prints_both_libraries_or_says_qwix_is_missing():
+    out = run_benchmark("benchmarks.peers", "--small", "--bits=4")
+    try:
+        import qwix  # noqa: F401
+    except ImportError:
+        assert "qwix is not installed" in out
+        return
+    for row in ("| 4 | qjax | gpfq |", "| 4 | qjax | gptq |", "| 4 | qwix | gptq |"):
+        assert row in out
+    assert "| 4 | qwix | rtn |" in out and "| 4 | qwix | qep |" in out  # run, or its refusal
+    assert "4-bit qjax GPFQ / qwix GPTQ: warm" in out

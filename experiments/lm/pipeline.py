@@ -38,9 +38,8 @@ from experiments import common
 from qjax import data, transforms
 from qjax.models import TransformerConfig, TransformerLM, transformer
 
-# Weight decay applies to the kernels and the embedding tables, not to biases and LayerNorm
-# (an NNX leaf's path may end in "/value").
-DECAYED = r"(.*/)?(kernel|embedding)(/value)?"
+# Weight decay applies to the kernels and the embedding tables, not to biases and LayerNorm.
+DECAYED = r".*/(kernel|embedding)"
 FLOAT_MODEL = "float_model"
 
 
@@ -236,6 +235,14 @@ def restore_float_model(
     return model
 
 
+def float_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config without its quantization settings (`ptq`): what the float model depends on,
+    so that the training workdir's fingerprint ignores them."""
+    fields = config.to_dict()
+    fields.pop("ptq", None)
+    return ml_collections.ConfigDict(fields)
+
+
 def results_markdown(results: dict) -> str:
     """The float model's perplexities and speeds as a Markdown table."""
     f = results["float"]
@@ -258,7 +265,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     Returns:
       The results dict written to results.json.
     """
-    work = common.open_workdir(config, workdir)
+    work = common.open_workdir(float_config(config), workdir)
     corpus = load_corpus(config)
     model, history = train(config, work, corpus)
     save_float_model(model, work)

@@ -4,6 +4,8 @@ as it is shared (≈ 10 minutes free, 49 measured under heavy sharing; details b
 
     python -m experiments.lm.main --config=experiments/lm/configs/ptb.py \
         --workdir=/tmp/qjax/lm_ptb
+    python -m experiments.lm.quantize --config=experiments/lm/configs/ptb.py \
+        --workdir=/tmp/qjax/lm_ptb
 
 Budget, from 8–10 timed steps of 32 × 128 tokens: 1.6 CPU-seconds per step (so ≈ 0.8 s of
 wall time with both cores free, ≈ 10 minutes for the 3 epochs of 226 steps); measured wall time
@@ -46,4 +48,17 @@ def get_config() -> ml_collections.ConfigDict:
     config.warmup_steps = 50
     config.weight_decay = 0.1
     config.grad_clip = 1.0
+    # Post-training quantization (experiments.lm.quantize); the float model ignores these.
+    config.ptq = ml_collections.ConfigDict(
+        {
+            "methods": ("gpfq", "gptq", "msq"),  # any of qjax.methods.names(), e.g. "qronos"
+            "bits": (4, 3, 2),
+            "group_size": 64,  # group-wise scales: 64 inputs (d_model is 128)
+            "c_values": (None, 1.0),  # None: the MSE-best C per scale group; chosen on valid
+            "rule": "max",
+            "head_bits": 8,  # an untied head: 8-bit RTN (0: float); a tied head is the embedding
+            "calibration_sequences": 128,
+            "calibration_batch_size": 32,
+        }
+    )
     return config

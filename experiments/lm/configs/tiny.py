@@ -4,6 +4,8 @@ data folder is needed.
 
     python -m experiments.lm.main --config=experiments/lm/configs/tiny.py \
         --workdir=/tmp/qjax/lm_tiny
+    python -m experiments.lm.quantize --config=experiments/lm/configs/tiny.py \
+        --workdir=/tmp/qjax/lm_tiny
 """
 
 import ml_collections
@@ -18,4 +20,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.seq_len = 64
     config.epochs = 2
     config.warmup_steps = 10
+    # One bit width, one C (the MSE-best per scale group), groups of 32 (d_model is 64).
+    config.ptq.update(bits=(3,), group_size=32, c_values=(None,), calibration_sequences=32)
     return config
