@@ -38,8 +38,9 @@ from experiments import common
 from qjax import data, transforms
 from qjax.models import TransformerConfig, TransformerLM, transformer
 
-# Weight decay applies to the kernels and the embedding tables, not to biases and LayerNorm.
-DECAYED = r".*/(kernel|embedding)"
+# Weight decay applies to the kernels and the embedding tables, not to biases and LayerNorm
+# (an NNX leaf's path may end in "/value").
+DECAYED = r"(.*/)?(kernel|embedding)(/value)?"
 FLOAT_MODEL = "float_model"
 
 
