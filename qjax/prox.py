@@ -22,6 +22,7 @@ prox with its hard quantizer; `qjax.transforms` applies it to parameter pytrees 
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable
 from typing import Literal, NamedTuple
@@ -248,10 +249,18 @@ def multibit_quantize(
         raise ValueError(f"bits must be an int in 1..{MAX_MULTIBIT_BITS}, got {bits!r}")
     if iterations < 0:
         raise ValueError(f"iterations must be >= 0, got {iterations}")
+    if channel_axis is not None and not -theta.ndim <= channel_axis < theta.ndim:
+        raise ValueError(f"channel_axis {channel_axis} is out of range for shape {theta.shape}")
+    return _multibit_quantize(theta, bits, channel_axis, iterations)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _multibit_quantize(
+    theta: jax.Array, bits: int, channel_axis: int | None, iterations: int
+) -> jax.Array:
+    # Jitted so that eager calls (hard_quantize outside a training step) compile once per shape.
     if channel_axis is None:
         return _alternating_fit(theta.reshape(-1), bits, iterations).reshape(theta.shape)
-    if not -theta.ndim <= channel_axis < theta.ndim:
-        raise ValueError(f"channel_axis {channel_axis} is out of range for shape {theta.shape}")
     moved = jnp.moveaxis(theta, channel_axis, 0)
     groups = moved.reshape(moved.shape[0], -1)
     fitted = jax.vmap(lambda g: _alternating_fit(g, bits, iterations))(groups)

@@ -1,12 +1,11 @@
 """End-to-end tests of experiments/gpfq: a tiny run of each config, and (slow) real MNIST."""
 
-import json
 import pathlib
 
 import numpy as np
 import pytest
 
-from experiments.gpfq import pipeline, train
+from experiments.gpfq import pipeline
 from experiments.gpfq.configs import cifar10, mnist, mnist_embedded
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -24,22 +23,27 @@ def shrink(config):
 def test_embedded_pipeline_end_to_end(tmp_path):
     config = shrink(mnist_embedded.get_config("tiny"))
     config.width_scales = (0.05,)
-    results = pipeline.run(config, str(tmp_path))
-    saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["float_accuracy"] == results["float_accuracy"]
-    assert saved["data_source"].startswith("embedded:")
-    assert {m: len(rows) for m, rows in saved["best"].items()} == {"gpfq": 1, "msq": 1, "gptq": 1}
-    assert len(saved["sweep"]) == 3 and len(saved["width"]) == 1
-    for method, layers in saved["layer_errors"].items():
+    saved_epochs = []
+    results = pipeline.run(
+        config, str(tmp_path), on_checkpoint=lambda phase, epoch: saved_epochs.append(phase)
+    )
+    assert saved_epochs == ["float"] * config.epochs + ["float_w0.05"] * config.epochs
+    assert results["data_source"].startswith("embedded:")
+    assert {m: len(rows) for m, rows in results["best"].items()} == {"gpfq": 1, "msq": 1, "gptq": 1}
+    assert len(results["sweep"]) == 3 and len(results["width"]) == 1
+    for method, layers in results["layer_errors"].items():
         assert [lay["path"] for lay in layers] == ["Dense_0", "Dense_1", "Dense_2"], method
     table = (tmp_path / "results.md").read_text()
     assert "| GPFQ |" in table and "Width decay" in table
     for name in ("accuracy_vs_bits", "accuracy_vs_c", "layer_error", "width_decay"):
         assert (tmp_path / f"mnist_mlp_{name}.png").stat().st_size > 1000
-    # A second call restores the float checkpoint instead of training again.
-    config.epochs = 0  # training now would fail: there would be no optimizer steps
-    again = train.train_and_evaluate(config, str(tmp_path))
-    assert again.test_accuracy == results["float_accuracy"]
+    # A second call restores the trained models instead of training again.
+    saved_epochs.clear()
+    again = pipeline.run(
+        config, str(tmp_path), on_checkpoint=lambda phase, epoch: saved_epochs.append(phase)
+    )
+    assert saved_epochs == []
+    assert again["float_accuracy"] == results["float_accuracy"]
 
 
 def test_cnn_pipeline_on_synthetic_cifar_files(tmp_path):

@@ -4,9 +4,8 @@ alphabets and scale constants C, evaluate, and write results.json, results.md an
 
 from __future__ import annotations
 
-import json
-import os
 import time
+from collections.abc import Callable
 
 import jax
 import ml_collections
@@ -14,6 +13,7 @@ import numpy as np
 from absl import logging
 
 import qjax
+from experiments import common
 from experiments.gpfq import plots, train
 
 
@@ -93,16 +93,26 @@ def best_over_c(rows: list[dict], method: str, num_letters: int) -> dict:
     return max(candidates, key=lambda r: r["accuracy"])
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def run(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    on_checkpoint: Callable[[str, int], None] | None = None,
+) -> dict:
     """Runs the whole experiment and writes its outputs into `workdir`.
+
+    Args:
+      config: the experiment's config (configs/*.py).
+      workdir: checkpoints and results; a rerun resumes from it (same config only).
+      on_checkpoint: called as (phase, epoch) after every saved epoch (see `common.Workdir`).
 
     Returns:
       The results dictionary also written to `workdir/results.json`.
     """
-    os.makedirs(workdir, exist_ok=True)
+    work = common.open_workdir(config, workdir, on_checkpoint=on_checkpoint)
     start = time.perf_counter()
     splits = train.load_splits(config)
-    trained = train.train_and_evaluate(config, workdir, splits=splits)
+    trained = train.train_and_evaluate(config, work, splits=splits)
     calibration = calibration_batches(splits, config)
     methods, levels = tuple(config.methods), tuple(config.num_letters)
     rows = sweep(trained, splits, calibration, config, methods=methods, levels=levels)
@@ -128,7 +138,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "width_level": level_label(config.width_num_letters),
     }
     for scale in config.width_scales:
-        wide = train.train_and_evaluate(config, workdir, splits=splits, width_scale=scale)
+        wide = train.train_and_evaluate(config, work, splits=splits, width_scale=scale)
         wide_rows = sweep(
             wide,
             splits,
@@ -152,8 +162,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             }
         )
     results["total_seconds"] = time.perf_counter() - start
-    write_outputs(results, config, workdir)
-    return results
+    return write_outputs(results, config, work)
 
 
 def markdown(results: dict, config: ml_collections.ConfigDict) -> str:
@@ -222,14 +231,10 @@ def markdown(results: dict, config: ml_collections.ConfigDict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(results: dict, config: ml_collections.ConfigDict, workdir: str) -> None:
-    """results.json, results.md and the PNG plots."""
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+def write_outputs(results: dict, config: ml_collections.ConfigDict, work: common.Workdir) -> dict:
+    """results.json, results.md and the PNG plots; returns what results.json holds."""
     table = markdown(results, config)
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-        f.write(table)
-    prefix = os.path.join(workdir, f"{config.dataset}_{config.model}")
+    prefix = work.file(f"{config.dataset}_{config.model}")
     plots.accuracy_vs_levels(results, f"{prefix}_accuracy_vs_bits.png")
     plots.layer_errors(results, f"{prefix}_layer_error.png")
     coarsest = results["sweep"][0]["num_letters"]
@@ -237,3 +242,4 @@ def write_outputs(results: dict, config: ml_collections.ConfigDict, workdir: str
     if results["width"]:
         plots.width_decay(results, f"{prefix}_width_decay.png")
     print(table)
+    return common.write_results(work, results, table, config)

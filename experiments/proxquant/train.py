@@ -17,10 +17,8 @@ it. Results go to workdir/results.json, workdir/results.md and workdir/sign_chan
 
 from __future__ import annotations
 
-import os
-import zlib
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,19 +26,12 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from tqdm import tqdm
 
-from experiments.proxquant.checkpointing import PhaseCheckpoints, write_json
+from experiments import common
 from qjax import batchnorm, data, metrics, prox, transforms
 from qjax.models import resnet
 
 METHODS = ("binaryconnect", "proxquant_binary", "proxquant_ternary")
-
-
-class TrainState(NamedTuple):
-    params: Any
-    batch_stats: Any
-    opt_state: Any
 
 
 class Dataset(NamedTuple):
@@ -136,126 +127,70 @@ def quantization_optimizer(
     )
 
 
-def make_train_step(model, tx, param_map=lambda params: params):
-    """A jitted SGD step: augment + normalize, loss at param_map(θ), optimizer update."""
-
-    @jax.jit
-    def train_step(state: TrainState, images, labels, key):
-        images = normalize(data.flip_and_crop(images, key))
-
-        def loss_fn(params):
-            variables = {"params": param_map(params), "batch_stats": state.batch_stats}
-            logits, mutated = model.apply(variables, images, train=True, mutable=["batch_stats"])
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-            return loss, mutated["batch_stats"]
-
-        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        return TrainState(params, batch_stats, opt_state), loss
-
-    return train_step
-
-
-def make_evaluate(model, images: np.ndarray, labels: np.ndarray, batch_size: int):
-    """state ↦ test accuracy in eval mode (BatchNorm running statistics), jitted once."""
-    logits_fn = jax.jit(
-        lambda p, s, x: model.apply({"params": p, "batch_stats": s}, normalize(x), train=False)
-    )
-
-    def evaluate(state: TrainState) -> float:
-        correct = 0
-        for start in range(0, len(images), batch_size):
-            logits = logits_fn(state.params, state.batch_stats, images[start : start + batch_size])
-            correct += int(jnp.sum(jnp.argmax(logits, -1) == labels[start : start + batch_size]))
-        return correct / len(images)
-
-    return evaluate
-
-
-def run_phase(
-    name: str,
-    state: TrainState,
-    train_step,
-    epochs: int,
-    dataset: Dataset,
+def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str,
     *,
-    evaluate_fn: Callable[[TrainState], float],
-    reference_params: Any = None,
-    mask: Callable | None = None,
-) -> tuple[TrainState, dict]:
-    """Train for `epochs`, resuming from the phase's checkpoint; log sign changes vs reference."""
-    checkpoints = PhaseCheckpoints(os.path.join(workdir, "checkpoints", name))
-    history = {"epoch": [], "loss": [], "test_accuracy": [], "sign_step": [], "sign_change": []}
-    start_epoch = 0
-    if checkpoints.latest_epoch() is not None:
-        state, history, start_epoch = checkpoints.restore(state)
-        logging.info("%s: resumed after epoch %d", name, start_epoch)
-    steps_per_epoch = len(dataset.train_images) // config.batch_size
-    key = jax.random.fold_in(jax.random.key(config.seed), zlib.crc32(name.encode()))
-    progress = tqdm(total=(epochs - start_epoch) * steps_per_epoch, desc=name, disable=None)
-    for epoch in range(start_epoch, epochs):
-        order = np.random.default_rng([config.seed, epoch]).permutation(len(dataset.train_images))
-        losses = []
-        for i in range(steps_per_epoch):
-            step = epoch * steps_per_epoch + i
-            batch = order[i * config.batch_size : (i + 1) * config.batch_size]
-            state, loss = train_step(
-                state,
-                dataset.train_images[batch],
-                dataset.train_labels[batch],
-                jax.random.fold_in(key, step),
-            )
-            losses.append(loss)
-            if reference_params is not None and step % config.sign_change_every_steps == 0:
-                flipped = metrics.sign_change_fraction(state.params, reference_params, mask=mask)
-                history["sign_step"].append(step + 1)
-                history["sign_change"].append(float(flipped))
-            progress.update()
-        history["epoch"].append(epoch + 1)
-        history["loss"].append(float(jnp.mean(jnp.stack(losses))))
-        history["test_accuracy"].append(evaluate_fn(state))
-        logging.info(
-            "%s epoch %d: loss %.4f, test accuracy %.4f",
-            name,
-            epoch + 1,
-            history["loss"][-1],
-            history["test_accuracy"][-1],
-        )
-        checkpoints.save(epoch + 1, state, history)
-    progress.close()
-    return state, history
+    on_checkpoint: Callable[[str, int], None] | None = None,
+) -> dict:
+    """Float warm start, then each of config.methods at equal budget; returns the results dict.
 
+    Args:
+      config: the experiment's config (configs/*.py).
+      workdir: checkpoints and results; a rerun resumes from it (same config only).
+      on_checkpoint: called as (phase, epoch) after every saved epoch (see `common.Workdir`).
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Float warm start, then each of config.methods at equal budget; returns the results dict."""
-    os.makedirs(workdir, exist_ok=True)
+    Returns:
+      The results, also written to workdir/results.json and results.md.
+    """
+    work = common.open_workdir(config, workdir, on_checkpoint=on_checkpoint)
     dataset = load_dataset(config)
     steps_per_epoch = len(dataset.train_images) // config.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"train_size {len(dataset.train_images)} < batch_size {config.batch_size}")
     model = resnet.CIFARResNet(depth=config.depth)
     variables = model.init(jax.random.key(config.seed), jnp.zeros((1, 32, 32, 3)), train=False)
-    eval_of = make_evaluate(model, dataset.test_images, dataset.test_labels, config.eval_batch_size)
+    accuracy = common.classifier_accuracy(model, normalize, batch_size=config.eval_batch_size)
+    batches = common.shuffled_batches(
+        (dataset.train_images, dataset.train_labels), config.batch_size, seed=config.seed
+    )
+
+    def test_accuracy(params, batch_stats) -> float:
+        variables = {"params": params, "batch_stats": batch_stats}
+        return accuracy(variables, dataset.test_images, dataset.test_labels)
+
+    def train_phase(name, state, tx, epochs, *, param_map=None, metrics_fn=None, log_every=0):
+        loss = common.classifier_loss(
+            model, normalize=normalize, augment=data.flip_and_crop, param_map=param_map
+        )
+        see = (lambda p: p) if param_map is None else jax.jit(param_map)
+        return common.run_phase(
+            work,
+            name,
+            state,
+            common.make_train_step(loss, tx, metrics_fn=metrics_fn),
+            batches,
+            epochs=epochs,
+            evaluate=lambda s: {
+                "test_accuracy": test_accuracy(see(s.params), s.model_state["batch_stats"])
+            },
+            log_every_steps=log_every,
+        )
 
     warm_tx = warm_start_optimizer(config, steps_per_epoch)
-    warm_state = TrainState(
-        variables["params"], variables["batch_stats"], warm_tx.init(variables["params"])
-    )
-    warm_state, warm_history = run_phase(
+    warm_state, warm_history = train_phase(
         "float",
-        warm_state,
-        make_train_step(model, warm_tx),
+        common.TrainState.create(
+            variables["params"],
+            warm_tx,
+            key=common.phase_key(config.seed, "float"),
+            model_state={"batch_stats": variables["batch_stats"]},
+        ),
+        warm_tx,
         config.warm.epochs,
-        dataset,
-        config,
-        workdir,
-        evaluate_fn=eval_of,
     )
+    warm_params = warm_state.params
     results = {
-        "config": config.to_dict(),
         "steps_per_epoch": steps_per_epoch,
         "float": {"test_accuracy": warm_history["test_accuracy"][-1], "history": warm_history},
         "methods": {},
@@ -267,49 +202,53 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         param_map = (
             (lambda params, q=quantizer, m=mask: transforms.straight_through(params, q, mask=m))
             if method == "binaryconnect"
-            else (lambda params: params)
+            else None
         )
-        state = TrainState(warm_state.params, warm_state.batch_stats, tx.init(warm_state.params))
-        state, history = run_phase(
+        state, history = train_phase(
             method,
-            state,
-            make_train_step(model, tx, param_map),
+            common.TrainState.create(
+                warm_params,
+                tx,
+                key=common.phase_key(config.seed, method),
+                model_state=warm_state.model_state,
+            ),
+            tx,
             config.quant.epochs,
-            dataset,
-            config,
-            workdir,
-            evaluate_fn=lambda s, pm=param_map: eval_of(s._replace(params=pm(s.params))),
-            reference_params=warm_state.params,
-            mask=mask,
+            param_map=param_map,
+            metrics_fn=lambda s, m=mask: {
+                "sign_change": metrics.sign_change_fraction(s.params, warm_params, mask=m)
+            },
+            log_every=config.sign_change_every_steps,
         )
+        batch_stats = state.model_state["batch_stats"]
         distance = float(transforms.quantization_error(state.params, quantizer, mask=mask))
         hard = transforms.hard_quantize(state.params, quantizer, mask=mask)
-        hard_accuracy = eval_of(state._replace(params=hard))
+        hard_accuracy = test_accuracy(hard, batch_stats)
 
         bn_batches = (
-            dataset.train_images[i * config.batch_size : (i + 1) * config.batch_size]
+            normalize(dataset.train_images[i * config.batch_size : (i + 1) * config.batch_size])
             for i in range(min(config.bn_reestimation_batches, steps_per_epoch))
         )
         reestimated = batchnorm.reestimate_batch_stats(
-            lambda v, x, **kw: model.apply(v, normalize(x), train=True, **kw),
-            {"params": hard, "batch_stats": state.batch_stats},
+            lambda v, x, **kw: model.apply(v, x, train=True, **kw),
+            {"params": hard, "batch_stats": batch_stats},
             bn_batches,
-        )
-        bn_accuracy = eval_of(state._replace(params=hard, batch_stats=reestimated["batch_stats"]))
+        )["batch_stats"]
+        bn_accuracy = test_accuracy(hard, reestimated)
 
         freeze_tx = optax.chain(
             optax.adam(config.quant.freeze_learning_rate), optax.masked(optax.set_to_zero(), mask)
         )
-        frozen = TrainState(hard, reestimated["batch_stats"], freeze_tx.init(hard))
-        frozen, freeze_history = run_phase(
+        frozen, freeze_history = train_phase(
             f"{method}_frozen",
-            frozen,
-            make_train_step(model, freeze_tx),
+            common.TrainState.create(
+                hard,
+                freeze_tx,
+                key=common.phase_key(config.seed, f"{method}_frozen"),
+                model_state={"batch_stats": reestimated},
+            ),
+            freeze_tx,
             config.quant.freeze_epochs,
-            dataset,
-            config,
-            workdir,
-            evaluate_fn=eval_of,
         )
         changed = jax.tree.map(
             lambda a, b, m: m and bool(jnp.any(a != b)), hard, frozen.params, mask(hard)
@@ -317,16 +256,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if any(jax.tree.leaves(changed)):
             raise RuntimeError(f"{method}: the frozen phase changed quantized weights")
         final_accuracy = (
-            freeze_history["test_accuracy"][-1] if freeze_history["test_accuracy"] else bn_accuracy
+            freeze_history["test_accuracy"][-1] if freeze_history["epoch"] else bn_accuracy
         )
-        per_layer = metrics.sign_changes(state.params, warm_state.params, mask=mask)
+        per_layer = metrics.sign_changes(state.params, warm_params, mask=mask)
         results["methods"][method] = {
             "distance_to_quantized_set": distance,
             "hard_quantized_accuracy": hard_accuracy,
             "bn_reestimated_accuracy": bn_accuracy,
             "final_accuracy": final_accuracy,
             "sign_change": float(
-                metrics.sign_change_fraction(state.params, warm_state.params, mask=mask)
+                metrics.sign_change_fraction(state.params, warm_params, mask=mask)
             ),
             "sign_change_per_layer": {k: float(v) for k, v in per_layer.items()},
             "history": history,
@@ -335,35 +274,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         logging.info(
             "%s: %s",
             method,
-            {k: v for k, v in results["methods"][method].items() if not isinstance(v, dict)},
+            {k: v for k, v in results["methods"][method].items() if isinstance(v, float)},
         )
 
-    write_json(os.path.join(workdir, "results.json"), results)
-    with open(os.path.join(workdir, "results.md"), "w") as file:
-        file.write(results_table(results))
-    plot_sign_changes(results, os.path.join(workdir, "sign_changes.png"))
-    return results
+    table = results_table(results)
+    plot_sign_changes(results, config, work.file("sign_changes.png"))
+    return common.write_results(work, results, table, config)
 
 
 def results_table(results: dict) -> str:
-    """The Markdown table of test accuracies and sign changes."""
+    """The Markdown table of test accuracies (%) and sign changes."""
     lines = [
         "| method | test acc. (soft θ / STE) | hard-quantized | + BN re-estimated | + frozen "
         "phase (final) | sign changes vs warm start |",
         "|---|---|---|---|---|---|",
-        f"| float (warm start) | {results['float']['test_accuracy']:.4f} | | | | |",
+        f"| float (warm start) | {results['float']['test_accuracy']:.2f} | | | | |",
     ]
     for method, r in results["methods"].items():
-        soft = r["history"]["test_accuracy"][-1] if r["history"]["test_accuracy"] else float("nan")
+        soft = r["history"]["test_accuracy"][-1] if r["history"]["epoch"] else float("nan")
         lines.append(
-            f"| {method} | {soft:.4f} | {r['hard_quantized_accuracy']:.4f} | "
-            f"{r['bn_reestimated_accuracy']:.4f} | {r['final_accuracy']:.4f} | "
+            f"| {method} | {soft:.2f} | {r['hard_quantized_accuracy']:.2f} | "
+            f"{r['bn_reestimated_accuracy']:.2f} | {r['final_accuracy']:.2f} | "
             f"{r['sign_change']:.3f} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def plot_sign_changes(results: dict, path: str) -> None:
+def plot_sign_changes(results: dict, config: ml_collections.ConfigDict, path: str) -> None:
     """Sign-change fraction vs epoch for every method (the paper's stability figure)."""
     import matplotlib
 
@@ -373,11 +310,11 @@ def plot_sign_changes(results: dict, path: str) -> None:
     figure, axis = plt.subplots(figsize=(6, 4))
     steps_per_epoch = results["steps_per_epoch"]
     for method, r in results["methods"].items():
-        epochs = np.asarray(r["history"]["sign_step"]) / steps_per_epoch
-        axis.plot(epochs, r["history"]["sign_change"], label=method)
+        epochs = np.asarray(r["history"].get("step", [])) / steps_per_epoch
+        axis.plot(epochs, r["history"].get("step_sign_change", []), label=method)
     axis.set_xlabel("epoch of quantized training")
     axis.set_ylabel("fraction of signs flipped vs warm start")
-    axis.set_title(f"ResNet-{results['config']['depth']}, CIFAR-10")
+    axis.set_title(f"ResNet-{config.depth}, CIFAR-10")
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
