@@ -49,7 +49,7 @@ import platform
 import sys
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
@@ -61,15 +61,19 @@ import orbax.checkpoint as ocp
 from absl import logging
 from tqdm import tqdm
 
+from qjax import data
+
 __all__ = [
     "NON_RESULT_FIELDS",
     "ConfigMismatchError",
     "NonFiniteLossError",
+    "Splits",
     "TrainState",
     "Workdir",
     "classifier_accuracy",
     "classifier_loss",
     "epoch_order",
+    "hold_out",
     "machine",
     "make_train_step",
     "open_workdir",
@@ -218,6 +222,41 @@ def shuffled_batches(
             yield tuple(a[index] for a in arrays)
 
     return batches
+
+
+class Splits(NamedTuple):
+    """Training images, the validation images held out of them, and the test images."""
+
+    train: data.ImageDataset
+    valid: data.ImageDataset
+    test: data.ImageDataset
+
+
+def hold_out(
+    dataset: data.ImageDataset, size: int, *, seed: int
+) -> tuple[data.ImageDataset, data.ImageDataset]:
+    """Split a training set into (rest, validation): `size` examples drawn at random by `seed`.
+
+    The validation split is held out of training and used for every choice (scale constants,
+    λ, epochs); the test split is only reported.
+
+    Args:
+      dataset: the training split.
+      size: validation examples, 1 <= size < len(dataset).
+      seed: fixes the draw.
+
+    Returns:
+      (the training examples left, the validation examples), both in the stored order.
+    """
+    n = len(dataset.labels)
+    if not 1 <= size < n:
+        raise ValueError(
+            f"validation_size must be in [1, {n - 1}] ({n} training examples), got {size}"
+        )
+    held = np.zeros(n, bool)
+    held[np.random.default_rng(seed).choice(n, size, replace=False)] = True
+    pick = lambda mask: dataset._replace(images=dataset.images[mask], labels=dataset.labels[mask])
+    return pick(~held), pick(held)
 
 
 def classifier_loss(
@@ -519,6 +558,9 @@ def run_phase(
     if start:
         state, history = checkpoints.restore(start, state)
         logging.info("%s: resumed after epoch %d", name, start)
+    # Restored arrays are committed to their devices; commit fresh ones too, so that a resumed
+    # run calls the step with the same signature (and the same compiled program).
+    state = jax.tree.map(lambda x: jax.device_put(x, x.sharding), state)
     progress = tqdm(desc=name, total=epochs - start, unit="epoch", disable=None)
     for epoch in range(start, epochs):
         step_metrics = []

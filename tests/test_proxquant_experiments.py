@@ -72,14 +72,15 @@ def test_cifar_pipeline_end_to_end(cifar_run):
             name.endswith("kernel") and "shortcut" not in name
             for name in r["sign_change_per_layer"]
         )
-        assert r["final_accuracy"] == r["frozen_history"]["test_accuracy"][-1]
+        assert r["final_valid_accuracy"] == r["frozen_history"]["valid_accuracy"][-1]
     proxquant, binaryconnect = (
         results["methods"]["proxquant_binary"],
         results["methods"]["binaryconnect"],
     )
     # ProxQuant with a strong λ ends on {±α}: hard quantization changes nothing.
     assert proxquant["distance_to_quantized_set"] < 1e-6
-    assert proxquant["hard_quantized_accuracy"] == proxquant["history"]["test_accuracy"][-1]
+    assert proxquant["hard_quantized_accuracy"] == proxquant["soft_test_accuracy"]
+    assert proxquant["reg"] == 100.0 and proxquant["reg_choice"] == "fixed"
     # BinaryConnect trains float weights behind the sign: they stay off the set.
     assert binaryconnect["distance_to_quantized_set"] > 0.05
     # BatchNorm statistics re-estimated for the binary weights: far above chance (10 %).
@@ -92,7 +93,7 @@ def test_cifar_resume_after_a_kill_is_exact(cifar_run, tmp_path):
     config, workdir, results = cifar_run
     with pytest.raises(Killed):
         cifar.train_and_evaluate(
-            config, str(tmp_path), on_checkpoint=kill_at("proxquant_binary", 1)
+            config, str(tmp_path), on_checkpoint=kill_at("proxquant_binary_reg100", 1)
         )
     assert not (tmp_path / "results.json").exists()
     resumed = cifar.train_and_evaluate(config, str(tmp_path))
@@ -103,6 +104,7 @@ def test_cifar_resume_after_a_kill_is_exact(cifar_run, tmp_path):
 def ptb_run(tmp_path_factory):
     config = ptb_tiny.get_config()
     config.bits = (2,)
+    config.reg_values = (1.0, 1e-3)
     workdir = str(tmp_path_factory.mktemp("ptb"))
     return config, workdir, ptb.train_and_evaluate(config, workdir)
 
@@ -115,6 +117,15 @@ def test_ptb_pipeline_end_to_end(ptb_run):
     assert float_perplexity < uniform / 1.5  # the warm start learned the chain
     for r in results["quantized"].values():
         assert r["test_perplexity"] < 1.5 * float_perplexity
+    # λ is chosen on validation perplexity; the test perplexity reported is that λ's.
+    proxquant = results["quantized"]["proxquant_2bit"]
+    candidates = proxquant["reg_candidates"]
+    assert [c["reg"] for c in candidates] == [1.0, 1e-3] and proxquant["reg_choice"] == "validation"
+    best = min(candidates, key=lambda c: c["valid_perplexity"])
+    assert (proxquant["reg"], proxquant["test_perplexity"]) == (
+        best["reg"],
+        best["test_perplexity"],
+    )
     with open(os.path.join(workdir, "results.md")) as file:
         table = file.read()
     assert "| proxquant | " in table and "2-bit" in table
@@ -129,11 +140,11 @@ def test_ptb_resume_after_a_kill_is_exact(ptb_run, tmp_path):
 
 
 def test_workdir_of_another_config_is_refused(ptb_run):
-    config, workdir, _ = ptb_run
+    _, workdir, _ = ptb_run
     changed = ptb_tiny.get_config()
     changed.bits = (2,)
-    changed.reg = 2 * config.reg
-    with pytest.raises(common.ConfigMismatchError, match=r"reg: 1\.0 in the workdir, 2\.0 now"):
+    changed.reg_values = (1.0, 2e-3)
+    with pytest.raises(common.ConfigMismatchError, match=r"reg_values: \[1\.0, 0\.001\] in the"):
         ptb.train_and_evaluate(changed, workdir)
 
 

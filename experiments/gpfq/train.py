@@ -20,15 +20,13 @@ from absl import logging
 from experiments import common
 from qjax import data, models
 
-
-class Splits(NamedTuple):
-    train: data.ImageDataset
-    test: data.ImageDataset
+Splits = common.Splits
 
 
 class TrainResult(NamedTuple):
     model: nn.Module
     variables: Any
+    valid_accuracy: float
     test_accuracy: float
 
 
@@ -39,16 +37,21 @@ NORMALIZATION = {
 
 
 def load_splits(config: ml_collections.ConfigDict) -> Splits:
-    """The train and test splits of config.dataset, cut to config.max_train/test_examples."""
+    """The train, validation and test splits of config.dataset.
+
+    The first config.max_train_examples training images (0: all) are split into training and
+    config.validation_size validation images (drawn with config.seed); the test split is cut to
+    config.max_test_examples.
+    """
     loader = {"mnist": data.load_mnist, "cifar10": data.load_cifar10}[config.dataset]
     kwargs = {"data_dir": config.data_dir or None, "source": config.data_source}
-    splits = []
-    for split, limit in (("train", config.max_train_examples), ("test", config.max_test_examples)):
-        ds = loader(split, **kwargs)
-        if limit:
-            ds = ds._replace(images=ds.images[:limit], labels=ds.labels[:limit])
-        splits.append(ds)
-    return Splits(*splits)
+    cut = lambda ds, limit: ds._replace(
+        images=ds.images[: limit or None], labels=ds.labels[: limit or None]
+    )
+    train = cut(loader("train", **kwargs), config.max_train_examples)
+    test = cut(loader("test", **kwargs), config.max_test_examples)
+    train, valid = common.hold_out(train, config.validation_size, seed=config.seed)
+    return Splits(train, valid, test)
 
 
 def preprocess(images: np.ndarray, dataset: str) -> jax.Array:
@@ -97,7 +100,7 @@ def train_and_evaluate(
     splits: Splits,
     width_scale: float | None = None,
 ) -> TrainResult:
-    """Trains the float model (resuming from `workdir`) and evaluates it on the test split.
+    """Trains the float model (resuming from `workdir`); evaluates it on validation and test.
 
     Args:
       config: the experiment config (dataset, model, training hyper-parameters).
@@ -106,7 +109,7 @@ def train_and_evaluate(
       width_scale: the MLP width multiplier (default config.width_scale).
 
     Returns:
-      `TrainResult(model, variables, test_accuracy)`.
+      `TrainResult(model, variables, valid_accuracy, test_accuracy)` (accuracies in %).
     """
     model = create_model(config, width_scale=width_scale)
     name = "float" if width_scale is None else f"float_w{width_scale:g}"
@@ -139,8 +142,14 @@ def train_and_evaluate(
             (splits.train.images, splits.train.labels), config.batch_size, seed=config.seed
         ),
         epochs=config.epochs,
+        evaluate=lambda s: {
+            "valid_accuracy": accuracy(
+                model, {"params": s.params, **s.model_state}, splits.valid, config
+            )
+        },
     )
     variables = {"params": state.params, **state.model_state}
+    valid_accuracy = accuracy(model, variables, splits.valid, config)
     test_accuracy = accuracy(model, variables, splits.test, config)
-    logging.info("float %s: test accuracy %.2f%%", name, test_accuracy)
-    return TrainResult(model, variables, test_accuracy)
+    logging.info("float %s: validation %.2f%%, test %.2f%%", name, valid_accuracy, test_accuracy)
+    return TrainResult(model, variables, valid_accuracy, test_accuracy)

@@ -17,8 +17,8 @@ it. Results go to workdir/results.json, workdir/results.md and workdir/sign_chan
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,47 +34,43 @@ from qjax.models import resnet
 METHODS = ("binaryconnect", "proxquant_binary", "proxquant_ternary")
 
 
-class Dataset(NamedTuple):
-    train_images: np.ndarray  # (n, 32, 32, 3) uint8
-    train_labels: np.ndarray  # (n,) int32
-    test_images: np.ndarray
-    test_labels: np.ndarray
-
-
 def normalize(images):
     """uint8 CIFAR-10 images → float32, standardized per channel with the training split's stats."""
     return data.normalize(images, data.CIFAR10_MEAN, data.CIFAR10_STD)
 
 
-def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
-    """CIFAR-10 through `qjax.data` (or synthetic stand-in images for tests), cut to size."""
+def synthetic_split(config: ml_collections.ConfigDict, split: str) -> data.ImageDataset:
+    """Stand-in 32×32 images for tests: one random template per class plus noise."""
+    rng = np.random.default_rng(config.seed)
+    templates = rng.integers(0, 256, (10, 32, 32, 3))
+    n = config.train_size if split == "train" else config.test_size
+    split_rng = np.random.default_rng([config.seed, len(split)])
+    labels = split_rng.integers(0, 10, n).astype(np.int32)
+    noise = split_rng.normal(0, 40, (n, 32, 32, 3))
+    images = np.clip(templates[labels] + noise, 0, 255).astype(np.uint8)
+    return data.ImageDataset(images, labels, f"synthetic (seed {config.seed})")
+
+
+def load_splits(config: ml_collections.ConfigDict) -> common.Splits:
+    """CIFAR-10 through `qjax.data` (or synthetic stand-in images for tests), cut to size.
+
+    The first config.train_size training images are split into training and
+    config.validation_size validation images (drawn with config.seed), on which the per-epoch
+    accuracies and the choice of λ are measured; the first config.test_size test images are
+    only reported.
+    """
     if config.dataset == "cifar10":
-        from qjax import data
-
         data_dir = config.data_dir or None
-        train = data.load_cifar10("train", data_dir=data_dir)
-        test = data.load_cifar10("test", data_dir=data_dir)
-        logging.info("CIFAR-10 from %s", train.source)
-        arrays = (train.images, train.labels, test.images, test.labels)
+        train, test = (data.load_cifar10(split, data_dir=data_dir) for split in ("train", "test"))
     elif config.dataset == "synthetic":
-        rng = np.random.default_rng(config.seed)
-        templates = rng.integers(0, 256, (10, 32, 32, 3))
-
-        def make(n):
-            labels = rng.integers(0, 10, n)
-            noise = rng.normal(0, 40, (n, 32, 32, 3))
-            return np.clip(templates[labels] + noise, 0, 255).astype(np.uint8), labels
-
-        arrays = (*make(config.train_size), *make(config.test_size))
+        train, test = (synthetic_split(config, split) for split in ("train", "test"))
     else:
         raise ValueError(f"config.dataset must be 'cifar10' or 'synthetic', got {config.dataset!r}")
-    train_images, train_labels, test_images, test_labels = arrays
-    return Dataset(
-        np.asarray(train_images[: config.train_size]),
-        np.asarray(train_labels[: config.train_size], np.int32),
-        np.asarray(test_images[: config.test_size]),
-        np.asarray(test_labels[: config.test_size], np.int32),
+    cut = lambda ds, n: ds._replace(images=ds.images[:n], labels=ds.labels[:n])
+    train, valid = common.hold_out(
+        cut(train, config.train_size), config.validation_size, seed=config.seed
     )
+    return common.Splits(train, valid, cut(test, config.test_size))
 
 
 def quantizer_and_mask(
@@ -106,9 +102,9 @@ def warm_start_optimizer(
 
 
 def quantization_optimizer(
-    config: ml_collections.ConfigDict, method: str, steps_per_epoch: int
+    config: ml_collections.ConfigDict, method: str, steps_per_epoch: int, reg: float | None
 ) -> optax.GradientTransformation:
-    """Adam followed by the method's last link: clip (BinaryConnect) or the ProxQuant prox."""
+    """Adam followed by the method's last link: clip (BinaryConnect) or the ProxQuant prox (λ)."""
     quantizer, mask = quantizer_and_mask(config, method)
     learning_rate = config.quant.learning_rate
     if method == "binaryconnect":
@@ -117,7 +113,6 @@ def quantization_optimizer(
             learning_rate, {int(f * total): 0.1 for f in config.quant.bc_lr_decay_fractions}
         )
         return optax.chain(optax.adam(schedule), transforms.clip_params(1.0, mask=mask))
-    reg = config.quant.reg_binary if method == "proxquant_binary" else config.quant.reg_ternary
     strength = transforms.linear_reg_schedule(
         learning_rate=learning_rate, reg=reg, steps_per_epoch=steps_per_epoch
     )
@@ -125,6 +120,16 @@ def quantization_optimizer(
     return optax.chain(
         optax.adam(learning_rate), transforms.prox_quant(strength, quantizer, clip=clip, mask=mask)
     )
+
+
+def reg_candidates(config: ml_collections.ConfigDict, method: str) -> tuple[float | None, ...]:
+    """The λ values to try for a method (chosen on validation); (None,) for BinaryConnect."""
+    if method == "binaryconnect":
+        return (None,)
+    values = tuple(config.quant[f"reg_{method.removeprefix('proxquant_')}_values"])
+    if not values:
+        raise ValueError(f"config.quant.reg_*_values of {method} is empty")
+    return values
 
 
 def train_and_evaluate(
@@ -135,6 +140,10 @@ def train_and_evaluate(
 ) -> dict:
     """Float warm start, then each of config.methods at equal budget; returns the results dict.
 
+    Every per-epoch accuracy is measured on the validation split, and so is the choice of λ
+    among config.quant.reg_*_values (the final accuracy after the frozen phase decides); the test
+    split is evaluated once per trained model, at the end.
+
     Args:
       config: the experiment's config (configs/*.py).
       workdir: checkpoints and results; a rerun resumes from it (same config only).
@@ -144,20 +153,23 @@ def train_and_evaluate(
       The results, also written to workdir/results.json and results.md.
     """
     work = common.open_workdir(config, workdir, on_checkpoint=on_checkpoint)
-    dataset = load_dataset(config)
-    steps_per_epoch = len(dataset.train_images) // config.batch_size
+    splits = load_splits(config)
+    steps_per_epoch = len(splits.train.labels) // config.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"train_size {len(dataset.train_images)} < batch_size {config.batch_size}")
+        raise ValueError(
+            f"{len(splits.train.labels)} training images < batch_size {config.batch_size}"
+        )
     model = resnet.CIFARResNet(depth=config.depth)
-    variables = model.init(jax.random.key(config.seed), jnp.zeros((1, 32, 32, 3)), train=False)
+    variables = jax.jit(functools.partial(model.init, train=False))(
+        jax.random.key(config.seed), jnp.zeros((1, 32, 32, 3))
+    )
     accuracy = common.classifier_accuracy(model, normalize, batch_size=config.eval_batch_size)
     batches = common.shuffled_batches(
-        (dataset.train_images, dataset.train_labels), config.batch_size, seed=config.seed
+        (splits.train.images, splits.train.labels), config.batch_size, seed=config.seed
     )
 
-    def test_accuracy(params, batch_stats) -> float:
-        variables = {"params": params, "batch_stats": batch_stats}
-        return accuracy(variables, dataset.test_images, dataset.test_labels)
+    def evaluate(split: data.ImageDataset, params, batch_stats) -> float:
+        return accuracy({"params": params, "batch_stats": batch_stats}, split.images, split.labels)
 
     def train_phase(name, state, tx, epochs, *, param_map=None, metrics_fn=None, log_every=0):
         loss = common.classifier_loss(
@@ -172,7 +184,9 @@ def train_and_evaluate(
             batches,
             epochs=epochs,
             evaluate=lambda s: {
-                "test_accuracy": test_accuracy(see(s.params), s.model_state["batch_stats"])
+                "valid_accuracy": evaluate(
+                    splits.valid, see(s.params), s.model_state["batch_stats"]
+                )
             },
             log_every_steps=log_every,
         )
@@ -189,44 +203,38 @@ def train_and_evaluate(
         warm_tx,
         config.warm.epochs,
     )
-    warm_params = warm_state.params
-    results = {
-        "steps_per_epoch": steps_per_epoch,
-        "float": {"test_accuracy": warm_history["test_accuracy"][-1], "history": warm_history},
-        "methods": {},
-    }
+    warm_params, warm_batch_stats = warm_state.params, warm_state.model_state["batch_stats"]
 
-    for method in config.methods:
+    def quantized_training(method: str, reg: float | None) -> dict:
+        """One method at one λ from the warm start: train, hard-quantize, re-estimate, freeze."""
+        name = method if reg is None else f"{method}_reg{reg:g}"
         quantizer, mask = quantizer_and_mask(config, method)
-        tx = quantization_optimizer(config, method, steps_per_epoch)
+        tx = quantization_optimizer(config, method, steps_per_epoch, reg)
         param_map = (
-            (lambda params, q=quantizer, m=mask: transforms.straight_through(params, q, mask=m))
+            functools.partial(transforms.straight_through, quantizer=quantizer, mask=mask)
             if method == "binaryconnect"
             else None
         )
         state, history = train_phase(
-            method,
+            name,
             common.TrainState.create(
                 warm_params,
                 tx,
-                key=common.phase_key(config.seed, method),
+                key=common.phase_key(config.seed, name),
                 model_state=warm_state.model_state,
             ),
             tx,
             config.quant.epochs,
             param_map=param_map,
-            metrics_fn=lambda s, m=mask: {
-                "sign_change": metrics.sign_change_fraction(s.params, warm_params, mask=m)
+            metrics_fn=lambda s: {
+                "sign_change": metrics.sign_change_fraction(s.params, warm_params, mask=mask)
             },
             log_every=config.sign_change_every_steps,
         )
         batch_stats = state.model_state["batch_stats"]
-        distance = float(transforms.quantization_error(state.params, quantizer, mask=mask))
         hard = transforms.hard_quantize(state.params, quantizer, mask=mask)
-        hard_accuracy = test_accuracy(hard, batch_stats)
-
         bn_batches = (
-            normalize(dataset.train_images[i * config.batch_size : (i + 1) * config.batch_size])
+            normalize(splits.train.images[i * config.batch_size : (i + 1) * config.batch_size])
             for i in range(min(config.bn_reestimation_batches, steps_per_epoch))
         )
         reestimated = batchnorm.reestimate_batch_stats(
@@ -234,17 +242,15 @@ def train_and_evaluate(
             {"params": hard, "batch_stats": batch_stats},
             bn_batches,
         )["batch_stats"]
-        bn_accuracy = test_accuracy(hard, reestimated)
-
         freeze_tx = optax.chain(
             optax.adam(config.quant.freeze_learning_rate), optax.masked(optax.set_to_zero(), mask)
         )
         frozen, freeze_history = train_phase(
-            f"{method}_frozen",
+            f"{name}_frozen",
             common.TrainState.create(
                 hard,
                 freeze_tx,
-                key=common.phase_key(config.seed, f"{method}_frozen"),
+                key=common.phase_key(config.seed, f"{name}_frozen"),
                 model_state={"batch_stats": reestimated},
             ),
             freeze_tx,
@@ -254,22 +260,50 @@ def train_and_evaluate(
             lambda a, b, m: m and bool(jnp.any(a != b)), hard, frozen.params, mask(hard)
         )
         if any(jax.tree.leaves(changed)):
-            raise RuntimeError(f"{method}: the frozen phase changed quantized weights")
-        final_accuracy = (
-            freeze_history["test_accuracy"][-1] if freeze_history["epoch"] else bn_accuracy
-        )
+            raise RuntimeError(f"{name}: the frozen phase changed quantized weights")
+        final_batch_stats = frozen.model_state["batch_stats"]
         per_layer = metrics.sign_changes(state.params, warm_params, mask=mask)
-        results["methods"][method] = {
-            "distance_to_quantized_set": distance,
-            "hard_quantized_accuracy": hard_accuracy,
-            "bn_reestimated_accuracy": bn_accuracy,
-            "final_accuracy": final_accuracy,
+        return {
+            "reg": reg,
+            "distance_to_quantized_set": float(
+                transforms.quantization_error(state.params, quantizer, mask=mask)
+            ),
+            # At the end of training: θ itself (ProxQuant) or what the forward pass saw (q(θ)).
+            "soft_test_accuracy": evaluate(
+                splits.test, state.params if param_map is None else hard, batch_stats
+            ),
+            "hard_quantized_accuracy": evaluate(splits.test, hard, batch_stats),
+            "bn_reestimated_accuracy": evaluate(splits.test, hard, reestimated),
+            "final_valid_accuracy": evaluate(splits.valid, frozen.params, final_batch_stats),
+            "final_accuracy": evaluate(splits.test, frozen.params, final_batch_stats),
             "sign_change": float(
                 metrics.sign_change_fraction(state.params, warm_params, mask=mask)
             ),
             "sign_change_per_layer": {k: float(v) for k, v in per_layer.items()},
             "history": history,
             "frozen_history": freeze_history,
+        }
+
+    results = {
+        "data_source": {split: getattr(splits, split).source for split in splits._fields},
+        "examples": {split: len(getattr(splits, split).labels) for split in splits._fields},
+        "steps_per_epoch": steps_per_epoch,
+        "float": {
+            "valid_accuracy": evaluate(splits.valid, warm_params, warm_batch_stats),
+            "test_accuracy": evaluate(splits.test, warm_params, warm_batch_stats),
+            "history": warm_history,
+        },
+        "methods": {},
+    }
+    for method in config.methods:
+        runs = [quantized_training(method, reg) for reg in reg_candidates(config, method)]
+        chosen = max(runs, key=lambda r: r["final_valid_accuracy"])  # ties: the first λ
+        results["methods"][method] = {
+            **chosen,
+            "reg_choice": "validation" if len(runs) > 1 else "fixed",
+            "reg_candidates": [
+                {k: r[k] for k in ("reg", "final_valid_accuracy", "final_accuracy")} for r in runs
+            ],
         }
         logging.info(
             "%s: %s",
@@ -283,18 +317,26 @@ def train_and_evaluate(
 
 
 def results_table(results: dict) -> str:
-    """The Markdown table of test accuracies (%) and sign changes."""
+    """Markdown: test accuracies (%) by stage, the λ used, validation accuracy, sign changes."""
+    examples = results["examples"]
     lines = [
-        "| method | test acc. (soft θ / STE) | hard-quantized | + BN re-estimated | + frozen "
-        "phase (final) | sign changes vs warm start |",
-        "|---|---|---|---|---|---|",
-        f"| float (warm start) | {results['float']['test_accuracy']:.2f} | | | | |",
+        f"{examples['train']} training / {examples['valid']} validation (held out of training) / "
+        f"{examples['test']} test images ({results['data_source']['train']}). Test accuracy (%); "
+        "λ chosen on the validation accuracy of the final model when several were tried.",
+        "",
+        "| method | λ | end of training (θ, or q(θ) for BinaryConnect) | hard-quantized "
+        "| + BN re-estimated | + frozen phase (final) | final, validation "
+        "| sign changes vs warm start |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| float (warm start) | | {results['float']['test_accuracy']:.2f} | | | | "
+        f"{results['float']['valid_accuracy']:.2f} | |",
     ]
     for method, r in results["methods"].items():
-        soft = r["history"]["test_accuracy"][-1] if r["history"]["epoch"] else float("nan")
+        reg = "" if r["reg"] is None else f"{r['reg']:g} ({r['reg_choice']})"
         lines.append(
-            f"| {method} | {soft:.2f} | {r['hard_quantized_accuracy']:.2f} | "
-            f"{r['bn_reestimated_accuracy']:.2f} | {r['final_accuracy']:.2f} | "
+            f"| {method} | {reg} | {r['soft_test_accuracy']:.2f} | "
+            f"{r['hard_quantized_accuracy']:.2f} | {r['bn_reestimated_accuracy']:.2f} | "
+            f"{r['final_accuracy']:.2f} | {r['final_valid_accuracy']:.2f} | "
             f"{r['sign_change']:.3f} |"
         )
     return "\n".join(lines) + "\n"

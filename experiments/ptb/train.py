@@ -18,6 +18,7 @@ Results go to workdir/results.json and workdir/results.md.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -126,6 +127,20 @@ def make_optimizer(
         )
 
     return optax.inject_hyperparams(chain)(learning_rate=config.learning_rate)
+
+
+def straight_through_all(params, pairs):
+    """The straight-through parameter map for every (quantizer, mask) pair in turn."""
+    for quantizer, mask in pairs:
+        params = transforms.straight_through(params, quantizer, mask=mask)
+    return params
+
+
+def hard_quantize_all(params, pairs):
+    """`qjax.hard_quantize` for every (quantizer, mask) pair in turn."""
+    for quantizer, mask in pairs:
+        params = transforms.hard_quantize(params, quantizer, mask=mask)
+    return params
 
 
 def language_model_loss(model, param_map: Callable[[Any], Any] | None = None) -> common.LossFn:
@@ -259,51 +274,73 @@ def train_and_evaluate(
     for bits in config.bits:
         pairs = quantizers_and_masks(bits)
         for method in config.methods:
-            if method == "proxquant":
-                tx = make_optimizer(config, pairs, steps_per_epoch=steps_per_epoch, reg=config.reg)
-                param_map = None
-            elif method == "straight_through":
-                tx = make_optimizer(config)
-
-                def param_map(params, pairs=pairs):
-                    for quantizer, mask in pairs:
-                        params = transforms.straight_through(params, quantizer, mask=mask)
-                    return params
-            else:
+            if method not in METHODS:
                 raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-            name = f"{method}_{bits}bit"
-            state, history = train_phase(
-                name, warm_params, tx, quant_streams, config.quant_epochs, param_map
-            )
-            hard = state.params
-            for quantizer, mask in pairs:
-                hard = transforms.hard_quantize(hard, quantizer, mask=mask)
-            results["quantized"][name] = {
-                "bits": bits,
-                "method": method,
-                "test_perplexity": test_perplexity(hard),
-                "sign_change": float(
-                    metrics.sign_change_fraction(state.params, warm_params, mask=pairs[0][1])
-                ),
-                "history": history,
+            regs = tuple(config.reg_values) if method == "proxquant" else (None,)
+            runs = []
+            for reg in regs:
+                name = f"{method}_{bits}bit" + ("" if reg is None else f"_reg{reg:g}")
+                if method == "proxquant":
+                    tx = make_optimizer(config, pairs, steps_per_epoch=steps_per_epoch, reg=reg)
+                    param_map = None
+                else:
+                    tx = make_optimizer(config)
+                    param_map = functools.partial(straight_through_all, pairs=pairs)
+                state, history = train_phase(
+                    name, warm_params, tx, quant_streams, config.quant_epochs, param_map
+                )
+                hard = jax.jit(functools.partial(hard_quantize_all, pairs=pairs))(state.params)
+                runs.append(
+                    {
+                        "bits": bits,
+                        "method": method,
+                        "reg": reg,
+                        "valid_perplexity": valid_perplexity(hard),
+                        "test_perplexity": test_perplexity(hard),
+                        "sign_change": float(
+                            metrics.sign_change_fraction(
+                                state.params, warm_params, mask=pairs[0][1]
+                            )
+                        ),
+                        "history": history,
+                    }
+                )
+                logging.info(
+                    "%s: validation perplexity %.2f, test %.2f",
+                    name,
+                    runs[-1]["valid_perplexity"],
+                    runs[-1]["test_perplexity"],
+                )
+            chosen = min(runs, key=lambda r: r["valid_perplexity"])  # ties: the first λ
+            results["quantized"][f"{method}_{bits}bit"] = {
+                **chosen,
+                "reg_choice": "validation" if len(runs) > 1 else "fixed",
+                "reg_candidates": [
+                    {k: r[k] for k in ("reg", "valid_perplexity", "test_perplexity")} for r in runs
+                ],
             }
-            logging.info(
-                "%s: test perplexity %.2f", name, results["quantized"][name]["test_perplexity"]
-            )
 
     return common.write_results(work, results, results_table(results), config)
 
 
 def results_table(results: dict) -> str:
     """Markdown table: test perplexity of the hard-quantized model by bits and method."""
-    methods = list(dict.fromkeys(r["method"] for r in results["quantized"].values()))
-    bits = sorted({r["bits"] for r in results["quantized"].values()})
+    rows = results["quantized"].values()
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    bits = sorted({r["bits"] for r in rows})
     lines = [
+        "Test perplexity of the hard-quantized model; ProxQuant's λ (in brackets) chosen on the "
+        "validation perplexity when several were tried (else fixed).",
+        "",
         "| method | " + " | ".join(f"{b}-bit" for b in bits) + " |",
         "|---|" + "---|" * len(bits),
         f"| float (warm start) | {results['float']['test_perplexity']:.1f}" + " |" * len(bits),
     ]
     for method in methods:
-        cells = [f"{results['quantized'][f'{method}_{b}bit']['test_perplexity']:.1f}" for b in bits]
+        cells = []
+        for b in bits:
+            r = results["quantized"][f"{method}_{b}bit"]
+            reg = "" if r["reg"] is None else f" (λ={r['reg']:g}, {r['reg_choice']})"
+            cells.append(f"{r['test_perplexity']:.1f}{reg}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

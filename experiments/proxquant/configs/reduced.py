@@ -17,6 +17,7 @@ from experiments.proxquant.configs import full
 def get_config():
     config = full.get_config()
     config.train_size = 5_000
+    config.validation_size = 500
     config.test_size = 2_000
     config.sign_change_every_steps = 4
     config.bn_reestimation_batches = 20
@@ -24,6 +25,6 @@ def get_config():
     config.warm.lr_decay_epochs = (5, 7)
     config.quant.epochs = 4
     config.quant.freeze_epochs = 1
-    config.quant.reg_binary = 2.5
-    config.quant.reg_ternary = 10.0
+    config.quant.reg_binary_values = (2.5,)
+    config.quant.reg_ternary_values = (10.0,)
     return config

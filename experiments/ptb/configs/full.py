@@ -34,5 +34,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.quant_epochs = 80
     config.bits = (1, 2, 3)
     config.methods = ("proxquant", "straight_through")
-    config.reg = 1e-7
+    config.reg_values = (1e-7,)
     return config

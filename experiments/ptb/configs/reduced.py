@@ -23,5 +23,5 @@ def get_config():
     config.eval_batch_size = 20
     config.warm_epochs = 2
     config.quant_epochs = 1
-    config.reg = 0.01
+    config.reg_values = (0.01,)
     return config

@@ -20,5 +20,5 @@ def get_config():
     config.warm_epochs = 3
     config.quant_epochs = 1
     config.bits = (1, 2)
-    config.reg = 1.0
+    config.reg_values = (1.0,)
     return config
