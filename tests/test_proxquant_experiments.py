@@ -5,7 +5,9 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 
@@ -14,6 +16,7 @@ from experiments.proxquant import train as cifar
 from experiments.proxquant.configs import tiny as cifar_tiny
 from experiments.ptb import train as ptb
 from experiments.ptb.configs import tiny as ptb_tiny
+from qjax import prox
 from tests.jax_cache import compilation_cache_dir  # noqa: F401  (module fixture)
 
 
@@ -160,3 +163,55 @@ def test_bad_config(tmp_path, module, config_module, field, value, message):
     config[field] = value
     with pytest.raises(ValueError, match=message):
         module.train_and_evaluate(config, str(tmp_path))
+
+
+PARAMS = {"layer": {"kernel": jnp.array([[0.2, 0.9], [-0.4, 0.7]]), "bias": jnp.array([0.1, -0.3])}}
+ONES = jax.tree.map(jnp.ones_like, PARAMS)
+
+
+def test_ternary_proxquant_clips_to_one_after_every_prox():
+    config = cifar_tiny.get_config()
+    inner, last = cifar.quantization_optimizer(config, "proxquant_ternary", 10, 1.0)
+    tx = optax.chain(inner, last)
+    params = {"conv": {"kernel": jnp.linspace(-1.5, 1.5, 8).reshape(2, 4)}}
+    updates, _ = tx.update(jax.tree.map(lambda p: -p, params), tx.init(params), params)
+    kernel = optax.apply_updates(params, updates)["conv"]["kernel"]
+    assert float(jnp.max(jnp.abs(kernel))) == 1.0  # Adam alone would move 1.5 to 1.51
+
+
+def test_frozen_phase_continues_binaryconnect_at_its_decayed_learning_rate():
+    config = cifar_tiny.get_config()
+    steps_per_epoch = 5
+    inner, _ = cifar.quantization_optimizer(config, "binaryconnect", steps_per_epoch, None)
+    state = inner.init(PARAMS)
+    for _ in range(config.quant.epochs * steps_per_epoch):
+        _, state = inner.update(ONES, state, PARAMS)
+    mask = lambda params: {"layer": {"kernel": True, "bias": False}}
+    tx, opt_state = cifar.freeze_optimizer(inner, mask, state, PARAMS)
+    updates, _ = tx.update(ONES, opt_state, PARAMS)
+    np.testing.assert_array_equal(updates["layer"]["kernel"], 0.0)
+    # A steady gradient makes Adam's step the learning rate: 0.01 after two ×0.1 decays.
+    np.testing.assert_allclose(updates["layer"]["bias"], -1e-4, rtol=1e-3)
+
+
+def test_ptb_prox_strength_follows_the_decayed_learning_rate():
+    config = ptb_tiny.get_config()  # λ_t grows per step
+    quantizer = prox.multibit_quantizer(1, channel_axis=None)
+    reg = 0.01
+    tx = ptb.make_optimizer(config, [(quantizer, None)], steps_per_epoch=1, reg=reg)
+    zeros = jax.tree.map(jnp.zeros_like, PARAMS)
+    params, state = PARAMS, tx.init(PARAMS)
+    for _ in range(2):  # then λ_t = 2λ
+        updates, state = tx.update(zeros, state, params)
+        params = optax.apply_updates(params, updates)
+    plateau = ptb.divide_on_plateau(config.lr_plateau_factor)
+    train_state = common.TrainState.create(params, tx, key=jax.random.key(0), opt_state=state)
+    decayed = plateau(train_state, {"valid_perplexity": [10.0, 11.0]}).opt_state
+    learning_rate = config.learning_rate / config.lr_plateau_factor
+    assert float(decayed.hyperparams["learning_rate"]) == pytest.approx(learning_rate)
+    new = optax.apply_updates(params, tx.update(zeros, decayed, params)[0])
+    strength = learning_rate * reg * 2  # η_t·λ_t at the decayed η_t, not the base η
+    for theta, moved in zip(jax.tree.leaves(params), jax.tree.leaves(new), strict=True):
+        expected = prox.pull_prox(theta, strength, quantizer.project(theta))
+        np.testing.assert_allclose(moved, expected, rtol=1e-6)
+        assert not np.allclose(moved, theta)

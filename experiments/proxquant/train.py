@@ -4,12 +4,17 @@ The pipeline, composed from qjax calls:
 
 1. float warm start: SGD with momentum, weight decay, step-decayed learning rate;
 2. for each method, from the warm start, at the same budget:
-   * `binaryconnect`: loss at q(θ) through `qjax.straight_through`, Adam, θ clipped to [−1, 1];
-   * `proxquant_binary`: `optax.chain(optax.adam(η), qjax.prox_quant(η·λ_t, "binary", clip=1))`;
+   * `binaryconnect`: loss at q(θ) through `qjax.straight_through`, Adam (lr ×0.1 twice), θ
+     clipped to [−1, 1];
+   * `proxquant_binary`: `optax.chain(optax.adam(η), qjax.prox_quant(η·λ_t, binary, clip=1))`;
    * `proxquant_ternary`: the same with the ternary prox (first and last layer in float);
    with the fraction of weight signs flipped since the warm start logged along the way;
-3. `qjax.hard_quantize`, then `qjax.reestimate_batch_stats`, then the frozen phase (quantized
-   weights fixed, BatchNorm and biases trained), evaluating after each step.
+3. `qjax.hard_quantize`, then `qjax.reestimate_batch_stats`, then the frozen phase: the same
+   optimizer continues (its state and learning rate) with the quantized weights held fixed, so
+   only BatchNorm and biases train, as in the authors' code after their freeze epoch.
+
+Per-epoch accuracies and the choice of λ use a validation split held out of the training images;
+test accuracy is measured once per trained model.
 
 Every phase saves an orbax checkpoint per epoch under workdir/checkpoints/<phase> and resumes from
 it. Results go to workdir/results.json, workdir/results.md and workdir/sign_changes.png.
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +38,15 @@ from qjax import batchnorm, data, metrics, prox, transforms
 from qjax.models import resnet
 
 METHODS = ("binaryconnect", "proxquant_binary", "proxquant_ternary")
+# What results.json keeps of every λ tried (the chosen one keeps everything).
+CANDIDATE_FIELDS = (
+    "final_valid_accuracy",
+    "final_accuracy",
+    "distance_to_quantized_set",
+    "soft_test_accuracy",
+    "hard_quantized_accuracy",
+    "sign_change",
+)
 
 
 def normalize(images):
@@ -76,13 +91,18 @@ def load_splits(config: ml_collections.ConfigDict) -> common.Splits:
 def quantizer_and_mask(
     config: ml_collections.ConfigDict, method: str
 ) -> tuple[prox.Quantizer, Callable]:
-    """The method's quantizer and the mask of quantized kernels (paper: shortcuts stay float)."""
+    """The method's quantizer and the mask of quantized kernels (paper: shortcuts stay float).
+
+    Binary: {±α} with α from config.binary_scale ("one": α = 1, the paper's; every quantized
+    layer here is followed by BatchNorm, which absorbs the scale). Ternary: the authors'
+    asymmetric values, or ±v with config.ternary_symmetric (exportable with `qjax.export`).
+    """
     if method in ("binaryconnect", "proxquant_binary"):
-        return prox.binary_quantizer(), transforms.mask_by_path(
+        return prox.binary_quantizer(config.binary_scale), transforms.mask_by_path(
             r"kernel$", exclude=config.binary_float_layers
         )
     if method == "proxquant_ternary":
-        return prox.ternary_quantizer(), transforms.mask_by_path(
+        return prox.ternary_quantizer(symmetric=config.ternary_symmetric), transforms.mask_by_path(
             r"kernel$", exclude=config.ternary_float_layers
         )
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
@@ -103,8 +123,19 @@ def warm_start_optimizer(
 
 def quantization_optimizer(
     config: ml_collections.ConfigDict, method: str, steps_per_epoch: int, reg: float | None
-) -> optax.GradientTransformation:
-    """Adam followed by the method's last link: clip (BinaryConnect) or the ProxQuant prox (λ)."""
+) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
+    """The method's optimizer and its last link, as in the authors' code.
+
+    BinaryConnect: Adam with the learning rate ×0.1 at config.quant.bc_lr_decay_fractions of the
+    quantized epochs, then θ clipped to [−1, 1]. ProxQuant: Adam at a constant η, then the prox
+    at strength η·λ_t (λ_t = λ·epoch, grown per config.quant.reg_growth) and θ clipped to
+    [−1, 1] (binary and ternary alike).
+
+    Returns:
+      (inner optimizer, last link); the training chain is `optax.chain(inner, last)`, and the
+      frozen phase continues `inner` (its state and learning rate) with the quantized weights
+      held fixed.
+    """
     quantizer, mask = quantizer_and_mask(config, method)
     learning_rate = config.quant.learning_rate
     if method == "binaryconnect":
@@ -112,14 +143,32 @@ def quantization_optimizer(
         schedule = optax.piecewise_constant_schedule(
             learning_rate, {int(f * total): 0.1 for f in config.quant.bc_lr_decay_fractions}
         )
-        return optax.chain(optax.adam(schedule), transforms.clip_params(1.0, mask=mask))
+        return optax.adam(schedule), transforms.clip_params(1.0, mask=mask)
     strength = transforms.linear_reg_schedule(
-        learning_rate=learning_rate, reg=reg, steps_per_epoch=steps_per_epoch
+        learning_rate=learning_rate,
+        reg=reg,
+        steps_per_epoch=steps_per_epoch,
+        growth=config.quant.reg_growth,
     )
-    clip = 1.0 if method == "proxquant_binary" else None
-    return optax.chain(
-        optax.adam(learning_rate), transforms.prox_quant(strength, quantizer, clip=clip, mask=mask)
+    return optax.adam(learning_rate), transforms.prox_quant(
+        strength, quantizer, clip=1.0, mask=mask
     )
+
+
+def freeze_optimizer(
+    inner: optax.GradientTransformation, mask: Callable, inner_state: Any, params: Any
+) -> tuple[optax.GradientTransformation, Any]:
+    """The frozen phase's optimizer: `inner` continued from `inner_state`, masked leaves fixed.
+
+    As after the authors' freeze epoch, the same optimizer goes on (its moments, its step count
+    and so its learning rate: BinaryConnect's has decayed to 1e-4 by then) while the quantized
+    weights get no update, so only BatchNorm and biases train.
+
+    Returns:
+      (optimizer, its state).
+    """
+    tx = optax.chain(inner, optax.masked(optax.set_to_zero(), mask))
+    return tx, (inner_state, tx.init(params)[1])
 
 
 def reg_candidates(config: ml_collections.ConfigDict, method: str) -> tuple[float | None, ...]:
@@ -209,7 +258,8 @@ def train_and_evaluate(
         """One method at one λ from the warm start: train, hard-quantize, re-estimate, freeze."""
         name = method if reg is None else f"{method}_reg{reg:g}"
         quantizer, mask = quantizer_and_mask(config, method)
-        tx = quantization_optimizer(config, method, steps_per_epoch, reg)
+        inner, last = quantization_optimizer(config, method, steps_per_epoch, reg)
+        tx = optax.chain(inner, last)
         param_map = (
             functools.partial(transforms.straight_through, quantizer=quantizer, mask=mask)
             if method == "binaryconnect"
@@ -242,9 +292,7 @@ def train_and_evaluate(
             {"params": hard, "batch_stats": batch_stats},
             bn_batches,
         )["batch_stats"]
-        freeze_tx = optax.chain(
-            optax.adam(config.quant.freeze_learning_rate), optax.masked(optax.set_to_zero(), mask)
-        )
+        freeze_tx, freeze_opt_state = freeze_optimizer(inner, mask, state.opt_state[0], hard)
         frozen, freeze_history = train_phase(
             f"{name}_frozen",
             common.TrainState.create(
@@ -252,6 +300,7 @@ def train_and_evaluate(
                 freeze_tx,
                 key=common.phase_key(config.seed, f"{name}_frozen"),
                 model_state={"batch_stats": reestimated},
+                opt_state=freeze_opt_state,
             ),
             freeze_tx,
             config.quant.freeze_epochs,
@@ -301,9 +350,7 @@ def train_and_evaluate(
         results["methods"][method] = {
             **chosen,
             "reg_choice": "validation" if len(runs) > 1 else "fixed",
-            "reg_candidates": [
-                {k: r[k] for k in ("reg", "final_valid_accuracy", "final_accuracy")} for r in runs
-            ],
+            "reg_candidates": [{k: r[k] for k in ("reg", *CANDIDATE_FIELDS)} for r in runs],
         }
         logging.info(
             "%s: %s",

@@ -6,11 +6,13 @@ The pipeline, composed from qjax calls:
    rate divided on validation plateaus, truncated BPTT);
 2. for each b in config.bits and each method, from the warm start, at the same budget:
    * `proxquant`: SGD, then `qjax.prox_quant` toward the alternating b-bit quantization, with
-     λ_t = λ·epoch (prox strength η·λ_t), once for the LSTM and decoder kernels (one set of
-     α per output unit) and once for the embedding (one per word): "row-wise" quantization;
+     λ_t = λ·epoch and prox strength η_t·λ_t at the current (plateau-decayed) learning rate η_t,
+     once for the LSTM and decoder kernels (one set of α per output unit) and once for the
+     embedding (one per word): "row-wise" quantization; λ chosen among config.reg_values on the
+     validation perplexity;
    * `straight_through`: the loss at the alternating b-bit quantization through
      `qjax.straight_through` (Xu et al. 2018), SGD on the float weights;
-3. `qjax.hard_quantize` and the test perplexity of the quantized model.
+3. `qjax.hard_quantize`, the validation perplexity (which chooses λ) and the test perplexity.
 
 Each phase checkpoints per epoch with orbax (workdir/checkpoints/<phase>) and resumes.
 Results go to workdir/results.json and workdir/results.md.
@@ -110,11 +112,12 @@ def make_optimizer(
 
     η_t is one injected hyperparameter (`opt_state.hyperparams["learning_rate"]`), divided on
     validation plateaus; the prox strength follows it, as in the authors' code (curr_lr·λ_t).
+    λ_t = λ·epoch grows per config.reg_growth ("epoch" or "step").
     """
 
     def chain(learning_rate):
         reg_schedule = transforms.linear_reg_schedule(
-            learning_rate=1.0, reg=reg, steps_per_epoch=steps_per_epoch
+            learning_rate=1.0, reg=reg, steps_per_epoch=steps_per_epoch, growth=config.reg_growth
         )
         links = [
             transforms.prox_quant(

@@ -21,4 +21,5 @@ def get_config():
     config.quant_epochs = 1
     config.bits = (1, 2)
     config.reg_values = (1.0,)
+    config.reg_growth = "step"  # one quantized epoch
     return config
