@@ -4,8 +4,8 @@
 
 Both steps are jitted with the same model, batch and Adam; the ProxQuant one appends
 `qjax.prox_quant` (binary ±1 and ternary, each clipped to [−1, 1] as in the authors' code) as the
-last link of the chain, with the paper's masks. Steps are timed interleaved (one of each in turn) and the medians compared, in one
-run. Target: ratio ≤ 1.10.
+last link of the chain, with the paper's masks. Steps are timed interleaved (one of each in
+turn) and the medians compared, in one run. Target: ratio ≤ 1.10.
 """
 
 import time
