@@ -46,6 +46,7 @@ import hashlib
 import json
 import os
 import platform
+import shlex
 import sys
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -634,7 +635,7 @@ def write_results(
     Returns:
       `results` with "command", "config" and "machine" added (what results.json holds).
     """
-    command = "python -m " + " ".join([_module_name(), *sys.argv[1:]])
+    command = "python -m " + shlex.join([_module_name(), *sys.argv[1:]])
     results = {**results, "command": command, "config": config.to_dict(), "machine": machine()}
     with open(workdir.file("results.json"), "w") as file:
         json.dump(results, file, indent=1, default=_json_default)

@@ -133,7 +133,7 @@ def export_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     results = {
         "dataset": config.dataset,
         "model": config.model,
-        "data_source": splits.test.source,
+        "data_source": {split: getattr(splits, split).source for split in splits._fields},
         "test_examples": len(splits.test.labels),
         "float_accuracy": float_accuracy,
         "rows": rows,
@@ -147,7 +147,7 @@ def markdown(results: dict) -> str:
     mb = lambda n: f"{n / 2**20:.3f}"
     lines = [
         f"Export of the {results['dataset']} {results['model']} "
-        f"({results['test_examples']} test images, {results['data_source']}); "
+        f"({results['test_examples']} test images, {results['data_source']['test']}); "
         f"float accuracy: {results['float_accuracy']}",
         "",
         "| quantized model | bits | fake-quant acc. % | packed acc. % | same predictions % "

@@ -43,13 +43,14 @@ def load_splits(config: ml_collections.ConfigDict) -> Splits:
     config.validation_size validation images (drawn with config.seed); the test split is cut to
     config.max_test_examples.
     """
-    loader = {"mnist": data.load_mnist, "cifar10": data.load_cifar10}[config.dataset]
-    kwargs = {"data_dir": config.data_dir or None, "source": config.data_source}
+    loaded = data.load_splits(
+        config.dataset, data_dir=config.data_dir or None, source=config.data_source
+    )
     cut = lambda ds, limit: ds._replace(
         images=ds.images[: limit or None], labels=ds.labels[: limit or None]
     )
-    train = cut(loader("train", **kwargs), config.max_train_examples)
-    test = cut(loader("test", **kwargs), config.max_test_examples)
+    train = cut(loaded["train"], config.max_train_examples)
+    test = cut(loaded["test"], config.max_test_examples)
     train, valid = common.hold_out(train, config.validation_size, seed=config.seed)
     return Splits(train, valid, test)
 

@@ -75,8 +75,8 @@ def load_splits(config: ml_collections.ConfigDict) -> common.Splits:
     only reported.
     """
     if config.dataset == "cifar10":
-        data_dir = config.data_dir or None
-        train, test = (data.load_cifar10(split, data_dir=data_dir) for split in ("train", "test"))
+        loaded = data.load_splits("cifar10", data_dir=config.data_dir or None)
+        train, test = loaded["train"], loaded["test"]
     elif config.dataset == "synthetic":
         train, test = (synthetic_split(config, split) for split in ("train", "test"))
     else:
