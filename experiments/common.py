@@ -26,7 +26,7 @@ A fourth experiment (say a transformer language model in Linen) needs only its l
 
     workdir = common.open_workdir(config, path)
     tx = optax.adamw(optax.cosine_onecycle_schedule(total_steps, 3e-3))
-    state = common.TrainState.create(params, tx, seed=config.seed)
+    state = common.TrainState.create(params, tx, key=common.phase_key(config.seed, "float"))
     streams = qjax.data.batchify(tokens, config.batch_size)
     state, history = common.run_phase(
         workdir, "float", state, common.make_train_step(loss_fn, tx),
@@ -46,9 +46,11 @@ import hashlib
 import json
 import os
 import platform
+import shlex
 import sys
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
@@ -60,19 +62,25 @@ import orbax.checkpoint as ocp
 from absl import logging
 from tqdm import tqdm
 
+from qjax import data
+
 __all__ = [
     "NON_RESULT_FIELDS",
     "ConfigMismatchError",
     "NonFiniteLossError",
+    "Splits",
     "TrainState",
     "Workdir",
     "classifier_accuracy",
     "classifier_loss",
     "epoch_order",
+    "hold_out",
     "machine",
     "make_train_step",
     "open_workdir",
+    "phase_key",
     "run_phase",
+    "shuffled_batches",
     "write_results",
 ]
 
@@ -116,7 +124,7 @@ class TrainState(flax.struct.PyTreeNode):
         params: Any,
         tx: optax.GradientTransformation,
         *,
-        seed: int,
+        key: jax.Array,
         model_state: Any = None,
         opt_state: Any = None,
     ) -> TrainState:
@@ -125,7 +133,7 @@ class TrainState(flax.struct.PyTreeNode):
         Args:
           params: the initial parameters.
           tx: the optimizer; its state is `tx.init(params)` unless `opt_state` is given.
-          seed: seeds the phase's PRNG key.
+          key: the phase's PRNG key (e.g. `phase_key(config.seed, name)`).
           model_state: the model's other state (default {}).
           opt_state: an optimizer state to continue from (e.g. that of an earlier phase).
 
@@ -134,11 +142,16 @@ class TrainState(flax.struct.PyTreeNode):
         """
         return cls(
             step=jnp.zeros((), jnp.int32),
-            rng=jax.random.key_data(jax.random.key(seed)),
+            rng=jax.random.key_data(key),
             params=params,
             opt_state=tx.init(params) if opt_state is None else opt_state,
             model_state={} if model_state is None else model_state,
         )
+
+
+def phase_key(seed: int, name: str) -> jax.Array:
+    """A PRNG key for the phase `name` of a run seeded with `seed` (distinct per phase)."""
+    return jax.random.fold_in(jax.random.key(seed), zlib.crc32(name.encode()))
 
 
 def make_train_step(
@@ -184,6 +197,67 @@ def make_train_step(
 def epoch_order(seed: int, epoch: int, size: int) -> np.ndarray:
     """The shuffled order of `size` examples in `epoch`: a function of (seed, epoch) alone."""
     return np.random.default_rng([seed, epoch]).permutation(size)
+
+
+def shuffled_batches(
+    arrays: tuple[np.ndarray, ...], batch_size: int, *, seed: int
+) -> Callable[[int], Iterator[tuple[np.ndarray, ...]]]:
+    """epoch ↦ that epoch's full batches of `arrays` (same first axis), in `epoch_order`.
+
+    Args:
+      arrays: e.g. (images, labels).
+      batch_size: examples per batch; the last incomplete batch of an epoch is dropped.
+      seed: with the epoch, fixes the order.
+
+    Returns:
+      The `batches` function `run_phase` takes.
+    """
+    size = len(arrays[0])
+    if not 1 <= batch_size <= size:
+        raise ValueError(f"batch_size must be in [1, {size}] (the examples), got {batch_size}")
+
+    def batches(epoch: int) -> Iterator[tuple[np.ndarray, ...]]:
+        order = epoch_order(seed, epoch, size)
+        for start in range(0, size - batch_size + 1, batch_size):
+            index = order[start : start + batch_size]
+            yield tuple(a[index] for a in arrays)
+
+    return batches
+
+
+class Splits(NamedTuple):
+    """Training images, the validation images held out of them, and the test images."""
+
+    train: data.ImageDataset
+    valid: data.ImageDataset
+    test: data.ImageDataset
+
+
+def hold_out(
+    dataset: data.ImageDataset, size: int, *, seed: int
+) -> tuple[data.ImageDataset, data.ImageDataset]:
+    """Split a training set into (rest, validation): `size` examples drawn at random by `seed`.
+
+    The validation split is held out of training and used for every choice (scale constants,
+    λ, epochs); the test split is only reported.
+
+    Args:
+      dataset: the training split.
+      size: validation examples, 1 <= size < len(dataset).
+      seed: fixes the draw.
+
+    Returns:
+      (the training examples left, the validation examples), both in the stored order.
+    """
+    n = len(dataset.labels)
+    if not 1 <= size < n:
+        raise ValueError(
+            f"validation_size must be in [1, {n - 1}] ({n} training examples), got {size}"
+        )
+    held = np.zeros(n, bool)
+    held[np.random.default_rng(seed).choice(n, size, replace=False)] = True
+    pick = lambda mask: dataset._replace(images=dataset.images[mask], labels=dataset.labels[mask])
+    return pick(~held), pick(held)
 
 
 def classifier_loss(
@@ -419,11 +493,15 @@ class _PhaseCheckpoints:
 def _check_finite(name: str, epoch: int, losses: np.ndarray, checkpoint: str) -> None:
     bad = np.flatnonzero(~np.isfinite(losses))
     if bad.size:
+        kept = (
+            f"The last good checkpoint (epoch {epoch}) is in {checkpoint}"
+            if epoch
+            else "No epoch of this phase was saved"
+        )
         raise NonFiniteLossError(
             f"phase {name!r}, epoch {epoch + 1}: the training loss is {losses[bad[0]]} at step "
-            f"{bad[0] + 1} of the epoch; stopped without saving this epoch. The last good "
-            f"checkpoint (epoch {epoch}) is in {checkpoint}. Lower the learning rate (or check "
-            "the data) and rerun."
+            f"{bad[0] + 1} of the epoch; stopped without saving this epoch. {kept}. Lower the "
+            "learning rate (or check the data) and rerun."
         )
 
 
@@ -481,6 +559,9 @@ def run_phase(
     if start:
         state, history = checkpoints.restore(start, state)
         logging.info("%s: resumed after epoch %d", name, start)
+    # Restored arrays are committed to their devices; commit fresh ones too, so that a resumed
+    # run calls the step with the same signature (and the same compiled program).
+    state = jax.tree.map(lambda x: jax.device_put(x, x.sharding), state)
     progress = tqdm(desc=name, total=epochs - start, unit="epoch", disable=None)
     for epoch in range(start, epochs):
         step_metrics = []
@@ -554,7 +635,7 @@ def write_results(
     Returns:
       `results` with "command", "config" and "machine" added (what results.json holds).
     """
-    command = "python -m " + " ".join([_module_name(), *sys.argv[1:]])
+    command = "python -m " + shlex.join([_module_name(), *sys.argv[1:]])
     results = {**results, "command": command, "config": config.to_dict(), "machine": machine()}
     with open(workdir.file("results.json"), "w") as file:
         json.dump(results, file, indent=1, default=_json_default)

@@ -8,13 +8,18 @@ regularizer R pulls the float weights θ toward a quantized set Q, through its p
 Three regularizers, each with its hard quantizer (the λ → ∞ limit of the prox):
 
 * binary, the W-shaped R(θ) = Σ_j min|θ_j ± α|: the prox soft-thresholds every entry toward the
-  nearest of ±α; the hard quantizer is α·sign(θ);
+  nearest of ±α; the hard quantizer is α·sign(θ). The scale α is a choice (`binary_scale`):
+  mean|θ| per tensor (the default) or per output channel, or α = 1 (the paper's CIFAR setting,
+  right only when a BatchNorm after each layer absorbs the scale);
 * ternary, R(θ) = ½·dist²(θ, T(θ)) toward the ternarization of ternary weight networks (threshold
-  Δ = 0.7·mean|θ|, the two values the means of the entries above Δ and below −Δ, recomputed at
-  each call): prox = (θ + λ·T(θ)) / (1 + λ);
+  Δ = 0.7·mean|θ|, recomputed at each call): prox = (θ + λ·T(θ)) / (1 + λ). The two nonzero
+  values are the means of the entries above Δ and below −Δ (the authors' code), or with
+  `symmetric=True` ±(the mean of |θ| above Δ), a grid {−v, 0, v} that `qjax.export` can pack;
 * multi-bit, the same pull toward the b-bit sum-of-binaries θ ≈ Σ_i α_i·b_i, b_i ∈ {±1}ⁿ, found
   by alternating minimization (Xu et al. 2018): greedy initialisation, then alternating least
-  squares on α and re-assignment of the codes.
+  squares on α and re-assignment of the codes. Its 2^b levels are in general not evenly spaced;
+  `uniform=True` fits evenly spaced ones, δ·{±1, ±3, …, ±(2^b − 1)} (α_i = 2^(i−1)·δ), which
+  `qjax.export` can pack.
 
 Everything here is a pure function of arrays (jit- and vmap-friendly). A `Quantizer` bundles a
 prox with its hard quantizer; `qjax.transforms` applies it to parameter pytrees inside optax.
@@ -22,6 +27,7 @@ prox with its hard quantizer; `qjax.transforms` applies it to parameter pytrees 
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable
 from typing import Literal, NamedTuple
@@ -82,13 +88,15 @@ def _check_strength(strength: ArrayLike) -> jax.Array:
     return strength
 
 
-def binary_scale(theta: ArrayLike, rule: ScaleRule = "one") -> jax.Array:
+def binary_scale(theta: ArrayLike, rule: ScaleRule = "tensor") -> jax.Array:
     """The scale α of the binary set {±α}.
 
     Args:
       theta: weights θ; for rule "channel", a Flax kernel whose last axis indexes output channels.
-      rule: "one" (α = 1, the paper's CIFAR setting), "tensor" (α = mean|θ|, the XNOR-net scale
-        that minimizes ‖θ − α·sign(θ)‖) or "channel" (the same mean per output channel).
+      rule: "tensor" (α = mean|θ|, the XNOR-net scale that minimizes ‖θ − α·sign(θ)‖), "channel"
+        (the same mean per output channel) or "one" (α = 1, the paper's CIFAR setting: only
+        right when a BatchNorm after the layer absorbs the scale; without one, ±1 weights
+        change the layer's output scale and cost accuracy at hard quantization).
 
     Returns:
       α, broadcastable against θ (a scalar, or shape (1, ..., 1, N1) for "channel").
@@ -161,30 +169,39 @@ def pull_prox(theta: ArrayLike, strength: ArrayLike, target: ArrayLike) -> jax.A
     return (theta + strength * target) / (1 + strength)
 
 
-def ternarize(theta: ArrayLike) -> jax.Array:
-    """Ternary quantizer of ternary weight networks, with asymmetric values.
+def ternarize(theta: ArrayLike, *, symmetric: bool = False) -> jax.Array:
+    """Ternary quantizer of ternary weight networks.
 
-    Δ = 0.7·mean|θ|; entries with θ > Δ take the mean of those entries, entries with θ < −Δ the
-    mean of those, the rest 0. One threshold and two values per tensor.
+    Δ = 0.7·mean|θ|; entries with |θ| ≤ Δ become 0. With `symmetric=False` (the ProxQuant
+    authors' code) entries with θ > Δ take the mean of those entries and entries with θ < −Δ the
+    mean of those: values {v₋, 0, v₊} with v₋ ≠ −v₊ in general, which no zero-centred uniform
+    grid holds (so `qjax.export` cannot pack them). With `symmetric=True` (ternary weight
+    networks' own rule) both take ±v, v = the mean of |θ| over |θ| > Δ: values {−v, 0, v}.
+    One threshold and one or two values per tensor.
 
     Args:
       theta: weights θ, any shape.
+      symmetric: one magnitude for both signs.
 
     Returns:
-      T(θ), θ's shape, entries in {v₋, 0, v₊}.
+      T(θ), θ's shape, entries in {v₋, 0, v₊} (or {−v, 0, v}).
     """
     theta = _as_float_array("theta", theta)
     delta = TERNARY_THRESHOLD_FACTOR * jnp.mean(jnp.abs(theta))
     above = theta > delta
     below = theta < -delta
+    if symmetric:
+        outside = above | below
+        value = jnp.sum(jnp.where(outside, jnp.abs(theta), 0)) / jnp.maximum(jnp.sum(outside), 1)
+        return jnp.where(above, value, jnp.where(below, -value, 0)).astype(theta.dtype)
     value_above = jnp.sum(jnp.where(above, theta, 0)) / jnp.maximum(jnp.sum(above), 1)
     value_below = jnp.sum(jnp.where(below, theta, 0)) / jnp.maximum(jnp.sum(below), 1)
     return jnp.where(above, value_above, jnp.where(below, value_below, 0)).astype(theta.dtype)
 
 
-def ternary_prox(theta: ArrayLike, strength: ArrayLike) -> jax.Array:
+def ternary_prox(theta: ArrayLike, strength: ArrayLike, *, symmetric: bool = False) -> jax.Array:
     """prox of λ/2·dist²(θ, T) toward the ternarization: (θ + λ·T(θ)) / (1 + λ)."""
-    return pull_prox(theta, strength, ternarize(theta))
+    return pull_prox(theta, strength, ternarize(theta, symmetric=symmetric))
 
 
 def _sign_codebook(bits: int) -> np.ndarray:
@@ -221,8 +238,34 @@ def _alternating_fit(values: jax.Array, bits: int, iterations: int) -> jax.Array
     return codes @ alpha
 
 
+def _uniform_fit(values: jax.Array, bits: int, iterations: int) -> jax.Array:
+    """Evenly spaced b-bit quantization δ·m, m ∈ {±1, ±3, …, ±(2^b − 1)}, of a 1-D array.
+
+    Alternates the least-squares δ = ⟨θ, m⟩ / ⟨m, m⟩ for fixed m and the nearest odd multiple m
+    for fixed δ, from δ = max|θ| / (2^b − 1) (so an evenly spaced θ is a fixed point).
+    """
+    top = 2**bits - 1
+
+    def odd_multiples(delta):
+        safe = jnp.where(delta > 0, delta, 1)
+        return jnp.clip(2 * jnp.round((values / safe - 1) / 2) + 1, -top, top)
+
+    def refine(_, delta):
+        multiples = odd_multiples(delta)
+        return jnp.sum(values * multiples) / jnp.sum(multiples * multiples)
+
+    delta = jnp.max(jnp.abs(values)) / top
+    delta = jax.lax.fori_loop(0, iterations, refine, delta)
+    return delta * odd_multiples(delta)
+
+
 def multibit_quantize(
-    theta: ArrayLike, bits: int, *, channel_axis: int | None = -1, iterations: int = 3
+    theta: ArrayLike,
+    bits: int,
+    *,
+    channel_axis: int | None = -1,
+    iterations: int = 3,
+    uniform: bool = False,
 ) -> jax.Array:
     """Alternating multi-bit quantization θ ≈ Σ_{i=1}^{b} α_i·b_i (Xu et al. 2018).
 
@@ -230,13 +273,17 @@ def multibit_quantize(
     of an embedding table with `channel_axis=0`) gets its own α ∈ ℝ^b and codes b_i ∈ {±1}.
     Greedy initialisation (α_i = mean|r|, b_i = sign(r) on the running residual r), then
     `iterations` rounds of least squares on α and re-assignment of every entry's code to the
-    nearest of the 2^b representable values.
+    nearest of the 2^b representable values. With `uniform=True` the α are tied,
+    α_i = 2^(i−1)·δ, so the levels are evenly spaced, δ·{±1, ±3, …, ±(2^b − 1)}: rounds of
+    nearest level and least squares on δ (exportable with `qjax.export`; a larger error than
+    free α).
 
     Args:
       theta: weights θ.
       bits: b, 1 to 4.
       channel_axis: the axis whose slices are quantized separately; None for one α per tensor.
-      iterations: alternating rounds after the greedy start.
+      iterations: alternating rounds after the start.
+      uniform: evenly spaced levels (one δ per slice).
 
     Returns:
       The quantized weights, θ's shape; each slice takes at most 2^b distinct values. The method
@@ -248,14 +295,24 @@ def multibit_quantize(
         raise ValueError(f"bits must be an int in 1..{MAX_MULTIBIT_BITS}, got {bits!r}")
     if iterations < 0:
         raise ValueError(f"iterations must be >= 0, got {iterations}")
-    if channel_axis is None:
-        return _alternating_fit(theta.reshape(-1), bits, iterations).reshape(theta.shape)
-    if not -theta.ndim <= channel_axis < theta.ndim:
+    if channel_axis is not None and not -theta.ndim <= channel_axis < theta.ndim:
         raise ValueError(f"channel_axis {channel_axis} is out of range for shape {theta.shape}")
+    return _multibit_quantize(theta, bits, channel_axis, iterations, uniform)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _multibit_quantize(
+    theta: jax.Array, bits: int, channel_axis: int | None, iterations: int, uniform: bool
+) -> jax.Array:
+    # Jitted so that eager calls (hard_quantize outside a training step) compile once per shape.
+    fit = functools.partial(
+        _uniform_fit if uniform else _alternating_fit, bits=bits, iterations=iterations
+    )
+    if channel_axis is None:
+        return fit(theta.reshape(-1)).reshape(theta.shape)
     moved = jnp.moveaxis(theta, channel_axis, 0)
     groups = moved.reshape(moved.shape[0], -1)
-    fitted = jax.vmap(lambda g: _alternating_fit(g, bits, iterations))(groups)
-    return jnp.moveaxis(fitted.reshape(moved.shape), 0, channel_axis)
+    return jnp.moveaxis(jax.vmap(fit)(groups).reshape(moved.shape), 0, channel_axis)
 
 
 def multibit_prox(
@@ -265,14 +322,22 @@ def multibit_prox(
     *,
     channel_axis: int | None = -1,
     iterations: int = 3,
+    uniform: bool = False,
 ) -> jax.Array:
     """prox of λ/2·dist²(θ, Q_b(θ)) toward the alternating b-bit quantization Q_b(θ)."""
-    target = multibit_quantize(theta, bits, channel_axis=channel_axis, iterations=iterations)
+    target = multibit_quantize(
+        theta, bits, channel_axis=channel_axis, iterations=iterations, uniform=uniform
+    )
     return pull_prox(theta, strength, target)
 
 
-def binary_quantizer(scale: ScaleRule = "one") -> Quantizer:
-    """The binary `Quantizer`: W-shaped prox toward {±α}, α from `binary_scale(θ, scale)`."""
+def binary_quantizer(scale: ScaleRule = "tensor") -> Quantizer:
+    """The binary `Quantizer`: W-shaped prox toward {±α}, α from `binary_scale(θ, scale)`.
+
+    Args:
+      scale: "tensor" (α = mean|θ|, the default), "channel" (per output channel) or "one"
+        (α = 1, the paper's CIFAR setting; see `binary_scale`).
+    """
     binary_scale(jnp.zeros((1, 1)), scale)  # validates the rule name
     return Quantizer(
         prox=lambda theta, strength: binary_prox(theta, strength, binary_scale(theta, scale)),
@@ -280,31 +345,62 @@ def binary_quantizer(scale: ScaleRule = "one") -> Quantizer:
     )
 
 
-def ternary_quantizer() -> Quantizer:
-    """The ternary `Quantizer`: pull toward the ternarization `ternarize(θ)`."""
-    return Quantizer(prox=ternary_prox, project=ternarize)
+def ternary_quantizer(*, symmetric: bool = False) -> Quantizer:
+    """The ternary `Quantizer`: pull toward `ternarize(θ, symmetric=symmetric)`.
+
+    Args:
+      symmetric: values {−v, 0, v} (exportable) instead of the authors' {v₋, 0, v₊}.
+    """
+    return Quantizer(
+        prox=functools.partial(ternary_prox, symmetric=symmetric),
+        project=functools.partial(ternarize, symmetric=symmetric),
+    )
 
 
 def multibit_quantizer(
-    bits: int, *, channel_axis: int | None = -1, iterations: int = 3
+    bits: int, *, channel_axis: int | None = -1, iterations: int = 3, uniform: bool = False
 ) -> Quantizer:
-    """The b-bit `Quantizer`: pull toward the alternating quantization `multibit_quantize`."""
+    """The b-bit `Quantizer`: pull toward the alternating quantization `multibit_quantize`.
+
+    Args:
+      bits, channel_axis, iterations, uniform: as in `multibit_quantize` (`uniform=True`:
+        evenly spaced, exportable levels).
+    """
     multibit_quantize(jnp.zeros((1, 1)), bits, channel_axis=None, iterations=iterations)
 
     def project(theta):
-        return multibit_quantize(theta, bits, channel_axis=channel_axis, iterations=iterations)
+        return multibit_quantize(
+            theta, bits, channel_axis=channel_axis, iterations=iterations, uniform=uniform
+        )
 
     return Quantizer(
         prox=lambda theta, strength: pull_prox(theta, strength, project(theta)), project=project
     )
 
 
-def get_quantizer(name: str, *, bits: int = 1, scale: ScaleRule = "one") -> Quantizer:
-    """A `Quantizer` by name: "binary" (with `scale`), "ternary" or "multibit" (with `bits`)."""
+def get_quantizer(
+    name: str,
+    *,
+    bits: int = 1,
+    scale: ScaleRule = "tensor",
+    symmetric: bool = False,
+    uniform: bool = False,
+) -> Quantizer:
+    """A `Quantizer` by name.
+
+    Args:
+      name: "binary" (with `scale`: α = mean|θ| per tensor by default), "ternary" (with
+        `symmetric`) or "multibit" (with `bits` and `uniform`).
+      bits, scale, symmetric, uniform: the options of `multibit_quantizer`,
+        `binary_quantizer` and `ternary_quantizer`.
+
+    Returns:
+      The `Quantizer`.
+    """
     if name == "binary":
         return binary_quantizer(scale)
     if name == "ternary":
-        return ternary_quantizer()
+        return ternary_quantizer(symmetric=symmetric)
     if name == "multibit":
-        return multibit_quantizer(bits)
+        return multibit_quantizer(bits, uniform=uniform)
     raise ValueError(f"quantizer must be 'binary', 'ternary' or 'multibit', got {name!r}")

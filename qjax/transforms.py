@@ -20,7 +20,7 @@ shortcuts and, for ternary, the first and last layers in float).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +38,9 @@ __all__ = [
     "mask_by_path",
     "prox_quant",
     "quantization_error",
+    "reg_for_total_pull",
     "straight_through",
+    "total_pull",
 ]
 
 _NO_PARAMS = "this transform needs params: call update(updates, state, params)"
@@ -72,23 +74,90 @@ def _resolve_mask(mask: Mask | None, params: Any) -> Any:
 
 
 def linear_reg_schedule(
-    *, learning_rate: float, reg: float, steps_per_epoch: int
+    *,
+    learning_rate: float,
+    reg: float,
+    steps_per_epoch: int,
+    growth: Literal["epoch", "step"] = "epoch",
 ) -> optax.Schedule:
-    """The paper's prox strength η·λ_t with λ_t = λ·epoch, grown linearly in the step count.
+    """The paper's prox strength η·λ_t with λ_t = λ·epoch, as a schedule of the step count t.
 
     Args:
-      learning_rate: η, the (constant) learning rate of the optimizer before the prox.
+      learning_rate: η, the (constant) learning rate of the optimizer before the prox. With a
+        learning rate that changes, pass 1 and multiply by the current η_t (the strength is
+        η_t·λ_t in the authors' code).
       reg: λ, the regularization growth per epoch (1e-4 for the paper's CIFAR-10 runs).
-      steps_per_epoch: optimizer steps per epoch, so that t / steps_per_epoch is the epoch.
+      steps_per_epoch: optimizer steps per epoch.
+      growth: "epoch" (the authors' code: λ_t = λ·e during epoch e = 0, 1, …, so the first
+        epoch has no pull) or "step" (λ_t = λ·t / steps_per_epoch, growing every step).
 
     Returns:
-      A schedule count ↦ η·λ·count / steps_per_epoch.
+      A schedule count ↦ η·λ·⌊count / steps_per_epoch⌋ ("epoch") or η·λ·count / steps_per_epoch.
     """
     if steps_per_epoch <= 0:
         raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
     if not (learning_rate >= 0 and reg >= 0):
         raise ValueError(f"learning_rate and reg must be >= 0, got {learning_rate}, {reg}")
-    return lambda count: learning_rate * reg * count / steps_per_epoch
+    if growth == "epoch":
+        return lambda count: learning_rate * reg * (count // steps_per_epoch)
+    if growth == "step":
+        return lambda count: learning_rate * reg * count / steps_per_epoch
+    raise ValueError(f"growth must be 'epoch' or 'step', got {growth!r}")
+
+
+def total_pull(
+    *,
+    learning_rate: float,
+    reg: float,
+    steps_per_epoch: int,
+    epochs: int,
+    growth: Literal["epoch", "step"] = "epoch",
+) -> float:
+    """Σ_t η·λ_t over a run of `epochs`: how far the prox can move a weight in total.
+
+    The paper's CIFAR runs (η = 0.01, λ = 1e-4, 390 steps per epoch, 200 epochs before the
+    freeze, growth per epoch) have a total pull of ≈ 7.8; the same λ over 2 epochs gives
+    ≈ 4e-4, so the prox does nothing. `reg_for_total_pull` inverts this.
+
+    Returns:
+      η·λ·S·E(E−1)/2 (per epoch) or η·λ·(SE)(SE−1)/(2S) (per step), S = steps_per_epoch,
+      E = epochs.
+    """
+    steps = steps_per_epoch * epochs
+    if growth == "epoch":
+        return learning_rate * reg * steps_per_epoch * epochs * (epochs - 1) / 2
+    if growth == "step":
+        return learning_rate * reg * steps * (steps - 1) / (2 * steps_per_epoch)
+    raise ValueError(f"growth must be 'epoch' or 'step', got {growth!r}")
+
+
+def reg_for_total_pull(
+    pull: float,
+    *,
+    learning_rate: float,
+    steps_per_epoch: int,
+    epochs: int,
+    growth: Literal["epoch", "step"] = "epoch",
+) -> float:
+    """The λ whose run of `epochs` has the total pull Σ_t η·λ_t = `pull` (see `total_pull`).
+
+    A rule for short runs: keep the paper's total pull (≈ 8) instead of its λ = 1e-4, e.g.
+    `reg_for_total_pull(8.0, learning_rate=0.01, steps_per_epoch=390, epochs=2)` ≈ 2.05.
+    """
+    unit = total_pull(
+        learning_rate=learning_rate,
+        reg=1.0,
+        steps_per_epoch=steps_per_epoch,
+        epochs=epochs,
+        growth=growth,
+    )
+    if not unit > 0:
+        raise ValueError(
+            f"a run of {epochs} epochs × {steps_per_epoch} steps with growth {growth!r} and "
+            f"learning rate {learning_rate} has no pull for any λ "
+            "(growth 'epoch' needs at least 2 epochs)"
+        )
+    return pull / unit
 
 
 def prox_quant(

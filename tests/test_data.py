@@ -302,3 +302,31 @@ def test_normalize_per_channel_numpy_and_jax():
         data.normalize(white.astype(np.float32))
     with pytest.raises(ValueError, match="channels"):
         data.normalize(white, (0.5, 0.5), (0.2, 0.2))
+
+
+def test_load_splits_refuses_splits_from_different_sources(tmp_path, monkeypatch, no_default_dirs):
+    """Local training files alone must not meet the embedded subset's test split."""
+    only_train = tmp_path / "local" / "mnist"
+    only_train.mkdir(parents=True)
+    rng = np.random.default_rng(6)
+    for stem, shape in zip(data.images.MNIST_FILES["train"], [(12, 28, 28), (12,)], strict=True):
+        write_idx(only_train / f"{stem}.gz", rng.integers(0, 10, shape))
+    monkeypatch.setenv("QJAX_DATA_DIR", str(tmp_path / "local"))
+    monkeypatch.setattr(data.locate, "tfds_source", lambda name, split, data_dir, looked: None)
+    # Each split on its own is found (the mix is silent there) ...
+    assert data.load_mnist("train").source.startswith("dir:")
+    assert data.load_mnist("test").source.startswith("embedded:")
+    # ... loading them together is refused, naming both sources.
+    with pytest.raises(ValueError, match=r"train from dir:.*, test from embedded:"):
+        data.load_splits("mnist")
+    loaded = data.load_splits("mnist", source="embedded")
+    assert {split: len(ds.labels) for split, ds in loaded.items()} == {"train": 4000, "test": 1000}
+    with pytest.raises(ValueError, match="dataset"):
+        data.load_splits("imagenet")
+
+
+def test_load_splits_from_one_folder(tmp_path):
+    write_mnist(tmp_path, np.random.default_rng(7))
+    loaded = data.load_splits("mnist", data_dir=tmp_path)
+    assert loaded["train"].source == loaded["test"].source == f"dir:{tmp_path}"
+    assert (len(loaded["train"].labels), len(loaded["test"].labels)) == (12, 5)

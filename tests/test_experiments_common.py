@@ -28,17 +28,16 @@ def noisy_loss(params, model_state, batch, key):
     return loss, {"calls": model_state["calls"] + 1}
 
 
-def batches(epoch):
-    order = common.epoch_order(0, epoch, len(Y))
-    for start in range(0, len(Y), BATCH):
-        index = order[start : start + BATCH]
-        yield X[index], Y[index]
+batches = common.shuffled_batches((X, Y), BATCH, seed=0)
 
 
 def train(workdir, *, epochs=4, loss_fn=noisy_loss):
     tx = optax.adam(0.05)
     state = common.TrainState.create(
-        {"w": jnp.zeros(3)}, tx, seed=1, model_state={"calls": jnp.zeros((), jnp.int32)}
+        {"w": jnp.zeros(3)},
+        tx,
+        key=jax.random.key(1),
+        model_state={"calls": jnp.zeros((), jnp.int32)},
     )
     return common.run_phase(
         workdir,
@@ -76,7 +75,10 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
     other = train(common.open_workdir(config(), tmp_path / "c"), epochs=1)[0]
     tx = optax.adam(0.05)
     reseeded = common.TrainState.create(
-        {"w": jnp.zeros(3)}, tx, seed=2, model_state={"calls": jnp.zeros((), jnp.int32)}
+        {"w": jnp.zeros(3)},
+        tx,
+        key=jax.random.key(2),
+        model_state={"calls": jnp.zeros((), jnp.int32)},
     )
     step = common.make_train_step(noisy_loss, tx)
     for batch in batches(0):

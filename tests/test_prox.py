@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qjax import prox
+from qjax import export, prox
 
 FLOATS = hnp.arrays(
     np.float32,
@@ -57,10 +57,13 @@ def test_binary_prox_closed_form(theta, lam):
 
 QUANTIZERS = {
     "binary": prox.binary_quantizer(),
+    "binary_one": prox.binary_quantizer("one"),
     "binary_channel": prox.binary_quantizer("channel"),
     "ternary": prox.ternary_quantizer(),
+    "ternary_symmetric": prox.ternary_quantizer(symmetric=True),
     "multibit2": prox.multibit_quantizer(2),
     "multibit3": prox.multibit_quantizer(3, channel_axis=None),
+    "uniform3": prox.multibit_quantizer(3, uniform=True, iterations=10),
 }
 
 
@@ -79,7 +82,18 @@ def test_infinite_strength_is_the_hard_quantizer(name):
 
 # Alternating minimization is a local method: for b >= 3 bits, refitting an already quantized
 # tensor can land in another local minimum, so only the exact projections are checked here.
-@pytest.mark.parametrize("name", ["binary", "binary_channel", "ternary", "multibit2"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "binary",
+        "binary_one",
+        "binary_channel",
+        "ternary",
+        "ternary_symmetric",
+        "multibit2",
+        "uniform3",
+    ],
+)
 @pytest.mark.parametrize("lam", [0.01, 1.0])
 def test_quantized_points_are_fixed_points(name, lam):
     quantizer = QUANTIZERS[name]
@@ -109,6 +123,56 @@ def test_ternarize_matches_numpy_reference():
 
 def test_ternarize_of_zeros_is_zero():
     np.testing.assert_array_equal(prox.ternarize(jnp.zeros((3, 3))), 0)
+    np.testing.assert_array_equal(prox.ternarize(jnp.zeros((3, 3)), symmetric=True), 0)
+
+
+def test_symmetric_ternarize_takes_the_mean_magnitude_for_both_signs():
+    theta = np.array([4.0, 1.0, -2.0, 0.1, -0.1, 0.0], np.float32)  # Δ = 0.7·7.2/6 = 0.84
+    np.testing.assert_allclose(
+        prox.ternarize(theta, symmetric=True), [7 / 3, 7 / 3, -7 / 3, 0, 0, 0], rtol=1e-6
+    )
+    np.testing.assert_allclose(prox.ternarize(theta), [2.5, 2.5, -2.0, 0, 0, 0], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("quantizer", "exportable"),
+    [
+        (prox.ternary_quantizer(), False),  # {v₋, 0, v₊}: no zero-centred grid
+        (prox.ternary_quantizer(symmetric=True), True),
+        (prox.multibit_quantizer(2, channel_axis=None), False),  # α₁ ± α₂: uneven levels
+        (prox.multibit_quantizer(2, channel_axis=None, uniform=True), True),
+        (prox.multibit_quantizer(3, uniform=True), True),  # one δ per output channel
+        (prox.binary_quantizer("channel"), True),
+    ],
+)
+def test_which_hard_quantizations_export(quantizer, exportable):
+    theta = jax.random.normal(jax.random.key(11), (32, 5)) + 0.3
+    q = np.asarray(quantizer.project(theta))
+    if exportable:
+        packed = export.quantize_array(q, name="kernel")
+        np.testing.assert_allclose(packed.dequantize(), q, rtol=1e-5, atol=1e-6)
+    else:
+        with pytest.raises(ValueError, match="off the alphabet"):
+            export.quantize_array(q, name="kernel")
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_uniform_multibit_levels_are_odd_multiples_of_one_step(bits):
+    w = jax.random.normal(jax.random.key(bits), (200, 3))
+    q = np.asarray(prox.multibit_quantize(w, bits, uniform=True, iterations=10), np.float64)
+    for j in range(3):
+        levels = np.unique(np.round(q[:, j], 5))
+        step = np.min(np.abs(levels))
+        multiples = levels / step
+        odd = np.round(multiples)
+        np.testing.assert_allclose(multiples, odd, atol=1e-3)
+        assert np.all(odd % 2 == 1) and np.max(np.abs(odd)) <= 2**bits - 1
+    # Tied α cost some error against free α, but not much (at most 15 % more here).
+    free = prox.multibit_quantize(w, bits, iterations=10)
+    assert np.linalg.norm(w - q) <= 1.15 * float(jnp.linalg.norm(w - free))
+    np.testing.assert_allclose(
+        prox.multibit_quantize(w, 1, uniform=True), prox.multibit_quantize(w, 1), rtol=1e-5
+    )
 
 
 def numpy_alternating(w, bits, iterations):
@@ -152,6 +216,8 @@ def test_binary_scale_rules():
     w = jnp.array([[1.0, -4.0], [-3.0, 2.0]])
     assert prox.binary_scale(w, "one") == 1.0
     assert prox.binary_scale(w, "tensor") == 2.5
+    # "binary" without a scale is mean|θ| per tensor, not α = 1.
+    np.testing.assert_allclose(prox.get_quantizer("binary").project(w), [[2.5, -2.5], [-2.5, 2.5]])
     np.testing.assert_allclose(prox.binary_scale(w, "channel"), [[2.0, 3.0]])
     np.testing.assert_allclose(prox.binary_quantizer("channel").project(w), [[2, -3], [-2, 3]])
 

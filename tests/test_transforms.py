@@ -23,7 +23,7 @@ GRADS = jax.tree.map(lambda p: jnp.cos(3 * p) + 0.1, PARAMS)
 
 def test_params_plus_updates_is_the_prox_of_the_inner_step():
     inner = optax.adam(0.05)
-    tx = optax.chain(inner, transforms.prox_quant(0.2, "binary"))
+    tx = optax.chain(inner, transforms.prox_quant(0.2, prox.binary_quantizer("one")))
     updates, _ = tx.update(GRADS, tx.init(PARAMS), PARAMS)
     inner_updates, _ = inner.update(GRADS, inner.init(PARAMS), PARAMS)
     expected = jax.tree.map(lambda p, u: prox.binary_prox(p + u, 0.2), PARAMS, inner_updates)
@@ -53,6 +53,15 @@ def test_clip_bounds_the_weights():
     assert all(float(jnp.max(jnp.abs(leaf))) <= 1.0 for leaf in jax.tree.leaves(new))
 
 
+def test_binary_by_name_pulls_toward_the_mean_magnitude():
+    tx = transforms.prox_quant(1e6, "binary")
+    new = optax.apply_updates(PARAMS, tx.update(GRADS, tx.init(PARAMS), PARAMS)[0])
+    for theta, q in zip(
+        jax.tree.leaves(optax.apply_updates(PARAMS, GRADS)), jax.tree.leaves(new), strict=True
+    ):
+        np.testing.assert_allclose(q, jnp.mean(jnp.abs(theta)) * jnp.sign(theta), rtol=1e-5)
+
+
 def test_needs_params():
     tx = transforms.prox_quant(0.1)
     with pytest.raises(ValueError, match="params"):
@@ -62,7 +71,7 @@ def test_needs_params():
 def test_mask_leaves_other_updates_unchanged_and_keeps_structure():
     mask = transforms.mask_by_path()
     assert mask(PARAMS) == {"dense": {"kernel": True, "bias": False}, "conv": {"kernel": True}}
-    tx = transforms.prox_quant(0.3, "binary", mask=mask)
+    tx = transforms.prox_quant(0.3, prox.binary_quantizer("one"), mask=mask)
     updates, _ = tx.update(GRADS, tx.init(PARAMS), PARAMS)
     assert jax.tree.structure(updates) == jax.tree.structure(PARAMS)
     np.testing.assert_array_equal(updates["dense"]["bias"], GRADS["dense"]["bias"])
@@ -90,22 +99,46 @@ def test_inject_hyperparams_controls_the_strength():
     tree_allclose(updates, GRADS)  # λ = 0: identity prox
     state.hyperparams["reg_schedule"] = jnp.asarray(1e6)
     updates, _ = jax.jit(tx.update)(GRADS, state, PARAMS)
-    hard = jax.tree.map(lambda p, g: prox.binary_quantize(p + g), PARAMS, GRADS)
+    hard = jax.tree.map(prox.get_quantizer("binary").project, optax.apply_updates(PARAMS, GRADS))
     tree_allclose(optax.apply_updates(PARAMS, updates), hard)
 
 
-def test_linear_reg_schedule():
-    schedule = transforms.linear_reg_schedule(learning_rate=0.01, reg=1e-4, steps_per_epoch=50)
-    np.testing.assert_allclose(schedule(100), 0.01 * 1e-4 * 2)
+def test_linear_reg_schedule_grows_per_epoch_or_per_step():
+    per_epoch = transforms.linear_reg_schedule(learning_rate=0.01, reg=1e-4, steps_per_epoch=50)
+    per_step = transforms.linear_reg_schedule(
+        learning_rate=0.01, reg=1e-4, steps_per_epoch=50, growth="step"
+    )
+    # The authors' λ_t = λ·epoch: zero in the first epoch, constant within each epoch.
+    np.testing.assert_allclose(
+        [per_epoch(t) for t in (0, 49, 50, 99, 125)], [0, 0, 1e-6, 1e-6, 2e-6]
+    )
+    np.testing.assert_allclose([per_step(t) for t in (0, 25, 125)], [0, 5e-7, 2.5e-6])
+    assert float(jax.jit(per_epoch)(jnp.int32(120))) == pytest.approx(2e-6)
     with pytest.raises(ValueError, match="steps_per_epoch"):
         transforms.linear_reg_schedule(learning_rate=0.01, reg=1e-4, steps_per_epoch=0)
+    with pytest.raises(ValueError, match="growth"):
+        transforms.linear_reg_schedule(learning_rate=0.01, reg=1e-4, steps_per_epoch=5, growth="x")
+
+
+@pytest.mark.parametrize("growth", ["epoch", "step"])
+def test_total_pull_sums_the_schedule_and_reg_for_total_pull_inverts_it(growth):
+    kwargs = {"learning_rate": 0.02, "steps_per_epoch": 7, "growth": growth}
+    schedule = transforms.linear_reg_schedule(reg=0.3, **kwargs)
+    summed = sum(schedule(t) for t in range(7 * 5))
+    assert transforms.total_pull(reg=0.3, epochs=5, **kwargs) == pytest.approx(summed)
+    assert transforms.reg_for_total_pull(summed, epochs=5, **kwargs) == pytest.approx(0.3)
+    # The paper's CIFAR run (200 epochs of 390 steps, λ = 1e-4): a total pull of 7.76.
+    paper = transforms.total_pull(learning_rate=0.01, reg=1e-4, steps_per_epoch=390, epochs=200)
+    assert paper == pytest.approx(7.761)
+    with pytest.raises(ValueError, match="no pull"):
+        transforms.reg_for_total_pull(1.0, learning_rate=0.01, steps_per_epoch=5, epochs=1)
 
 
 def test_straight_through_forward_is_quantized_and_gradient_passes():
     w = jnp.array([0.3, -0.2, 1.7])
 
     def loss(w):
-        q = transforms.straight_through({"kernel": w})["kernel"]
+        q = transforms.straight_through({"kernel": w}, prox.binary_quantizer("one"))["kernel"]
         return jnp.sum(q * jnp.array([1.0, 2.0, 3.0])), q
 
     (value, q), grad = jax.value_and_grad(loss, has_aux=True)(w)
@@ -123,9 +156,10 @@ def test_clip_params_and_hard_quantize():
         new["dense"]["bias"], PARAMS["dense"]["bias"] + grads["dense"]["bias"]
     )
     hard = transforms.hard_quantize(PARAMS, "binary", mask=transforms.mask_by_path())
-    np.testing.assert_array_equal(jnp.abs(hard["dense"]["kernel"]), 1.0)
+    kernel = PARAMS["dense"]["kernel"]
+    np.testing.assert_allclose(jnp.abs(hard["dense"]["kernel"]), jnp.mean(jnp.abs(kernel)))
     np.testing.assert_array_equal(hard["dense"]["bias"], PARAMS["dense"]["bias"])
-    assert float(transforms.quantization_error(hard, mask=transforms.mask_by_path())) == 0.0
+    assert float(transforms.quantization_error(hard, mask=transforms.mask_by_path())) < 1e-6
     with pytest.raises(ValueError, match="bound"):
         transforms.clip_params(0.0)
 

@@ -10,7 +10,6 @@ the fake-quantized float model: accuracies, identical predictions, bytes in memo
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 
@@ -23,6 +22,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 import qjax
+from experiments import common
 from experiments.gpfq import pipeline as gpfq_pipeline
 from experiments.gpfq import train
 from qjax import data, export
@@ -97,8 +97,8 @@ def export_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     Returns:
       The results dictionary also written to `workdir/results.json`.
     """
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    work = common.open_workdir(config, workdir)
+    workdir = work.path
     start = time.perf_counter()
     splits = train.load_splits(config)
     model = train.create_model(config)
@@ -107,7 +107,7 @@ def export_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     if config.quantized_checkpoint:
         checkpoints["given"] = os.path.abspath(config.quantized_checkpoint)
     else:
-        trained = train.train_and_evaluate(config, workdir, splits=splits)
+        trained = train.train_and_evaluate(config, work, splits=splits)
         float_accuracy = trained.test_accuracy
         calibration = gpfq_pipeline.calibration_batches(splits, config)
         for num_letters in config.export_num_letters:
@@ -133,14 +133,13 @@ def export_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     results = {
         "dataset": config.dataset,
         "model": config.model,
-        "data_source": splits.test.source,
+        "data_source": {split: getattr(splits, split).source for split in splits._fields},
         "test_examples": len(splits.test.labels),
         "float_accuracy": float_accuracy,
         "rows": rows,
         "total_seconds": time.perf_counter() - start,
     }
-    write_outputs(results, workdir)
-    return results
+    return write_outputs(results, config, work)
 
 
 def markdown(results: dict) -> str:
@@ -148,7 +147,7 @@ def markdown(results: dict) -> str:
     mb = lambda n: f"{n / 2**20:.3f}"
     lines = [
         f"Export of the {results['dataset']} {results['model']} "
-        f"({results['test_examples']} test images, {results['data_source']}); "
+        f"({results['test_examples']} test images, {results['data_source']['test']}); "
         f"float accuracy: {results['float_accuracy']}",
         "",
         "| quantized model | bits | fake-quant acc. % | packed acc. % | same predictions % "
@@ -192,12 +191,9 @@ def plot_bytes(results: dict, path: str) -> None:
     plt.close(fig)
 
 
-def write_outputs(results: dict, workdir: str) -> None:
-    """results.json, results.md and bytes.png."""
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+def write_outputs(results: dict, config: ml_collections.ConfigDict, work: common.Workdir) -> dict:
+    """results.json, results.md and bytes.png; returns what results.json holds."""
     table = markdown(results)
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-        f.write(table)
-    plot_bytes(results, os.path.join(workdir, "bytes.png"))
+    plot_bytes(results, work.file("bytes.png"))
     print(table)
+    return common.write_results(work, results, table, config)

@@ -17,15 +17,15 @@ METHOD_STYLE = {
 
 
 def accuracy_vs_levels(results: dict, path: str) -> None:
-    """Best test accuracy over C against the alphabet, one line per method, float as a line."""
+    """Test accuracy at the C chosen on validation against the alphabet, one line per method."""
     fig, ax = plt.subplots(figsize=(5, 3.5))
     labels = results["level_labels"]
-    for method, rows in results["best"].items():
+    for method, rows in results["chosen_on_valid"].items():
         name, color = METHOD_STYLE.get(method, (method, None))
-        ax.plot(labels, [row["accuracy"] for row in rows], "o-", label=name, color=color)
+        ax.plot(labels, [row["test_accuracy"] for row in rows], "o-", label=name, color=color)
     ax.axhline(results["float_accuracy"], color="gray", ls="--", label="float")
     ax.set_xlabel("alphabet")
-    ax.set_ylabel("test accuracy (%, best C)")
+    ax.set_ylabel("test accuracy (%, C chosen on validation)")
     ax.set_title(results["title"])
     ax.grid(alpha=0.3)
     ax.legend()
@@ -33,16 +33,19 @@ def accuracy_vs_levels(results: dict, path: str) -> None:
 
 
 def accuracy_vs_c(results: dict, num_letters: int, path: str) -> None:
-    """Test accuracy against the scale constant C at one alphabet size (the paper's C sweep)."""
+    """Accuracy against the scale constant C at one alphabet size (the paper's C sweep): test
+    accuracy solid, validation accuracy (what chooses C) dashed."""
     fig, ax = plt.subplots(figsize=(5, 3.5))
     rows = [r for r in results["sweep"] if r["num_letters"] == num_letters]
-    for method in results["best"]:
+    for method in results["chosen_on_valid"]:
         name, color = METHOD_STYLE.get(method, (method, None))
-        points = sorted((r["c"], r["accuracy"]) for r in rows if r["method"] == method)
-        ax.plot(*zip(*points, strict=True), "o-", label=name, color=color)
-    ax.axhline(results["float_accuracy"], color="gray", ls="--", label="float")
+        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["c"])
+        cs = [r["c"] for r in mine]
+        ax.plot(cs, [r["test_accuracy"] for r in mine], "o-", label=f"{name} test", color=color)
+        ax.plot(cs, [r["valid_accuracy"] for r in mine], "x--", label=f"{name} valid", color=color)
+    ax.axhline(results["float_accuracy"], color="gray", ls="--", label="float (test)")
     ax.set_xlabel("scale constant C")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel("accuracy (%)")
     ax.set_title(f"{results['title']}: {rows[0]['level']}")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -50,7 +53,7 @@ def accuracy_vs_c(results: dict, num_letters: int, path: str) -> None:
 
 
 def layer_errors(results: dict, path: str) -> None:
-    """Relative error ||XW - X~Q|| / ||XW|| per layer, at the best C, for each method."""
+    """Relative error ||XW - X~Q|| / ||XW|| per layer, at the C chosen on validation."""
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for method, layers in results["layer_errors"].items():
         name, color = METHOD_STYLE.get(method, (method, None))
@@ -87,7 +90,7 @@ def width_decay(results: dict, path: str) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("width multiplier (1 = 500 → 300)")
     ax.set_ylabel("accuracy drop (points)")
-    ax.set_title(f"{results['title']}: {results['width_level']}, best C")
+    ax.set_title(f"{results['title']}: {results['width_level']}, C chosen on validation")
     ax.grid(alpha=0.3)
     ax.legend()
     _save(fig, path)

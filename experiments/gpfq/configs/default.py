@@ -14,6 +14,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.data_source = "auto"
     config.max_train_examples = 0  # 0: all
     config.max_test_examples = 0
+    # Held out of the training images (drawn with config.seed): every choice (C) is made on it;
+    # the test split is only reported.
+    config.validation_size = 5000
     # Model.
     config.model = "mlp"
     config.width_scale = 1.0  # MLP 784 → 500 → BN → 300 → BN → 10

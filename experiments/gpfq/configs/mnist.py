@@ -37,3 +37,4 @@ def tiny(config: ml_collections.ConfigDict) -> None:
     config.calibration_size = 128
     config.calibration_batch_size = 64
     config.width_scales = (0.05, 0.1)
+    config.validation_size = 64

@@ -7,8 +7,9 @@ The paper's model and optimizer (LSTM 300/300, dropout 0.5, SGD lr 20, clip 0.25
 BPTT 30), cut down: float warm start 2 epochs on the first 150,000 training tokens (249 steps
 per epoch); then each of 1/2/3 bits × {ProxQuant, straight-through} for 1 epoch over the first
 60,000 tokens (99 steps) from the warm start. Learning-rate plateaus are judged on the first
-20,000 validation tokens; test perplexity on the whole test split, with 20 parallel streams
-instead of 10. λ = 0.01 makes the final prox strength η·λ_t = 0.2 per step (total pull
+20,000 validation tokens (which also judge λ); test perplexity on the whole test split, with 20
+parallel streams instead of 10. λ_t grows per step (with one quantized epoch, growth per epoch
+would keep λ_t = 0): λ = 0.01 makes the final prox strength η·λ_t = 0.2 per step (total pull
 Σ η·λ_t ≈ 10 over the epoch); it was not tuned.
 """
 
@@ -23,5 +24,6 @@ def get_config():
     config.eval_batch_size = 20
     config.warm_epochs = 2
     config.quant_epochs = 1
-    config.reg = 0.01
+    config.reg_values = (0.01,)
+    config.reg_growth = "step"  # one quantized epoch: per-epoch growth would give λ_t = 0
     return config

@@ -10,15 +10,16 @@ from experiments.ptb.configs import full
 def get_config():
     config = full.get_config()
     config.dataset = "synthetic"
-    config.train_tokens = 2000
+    config.train_tokens = 4000
     config.embed_dim = 16
     config.hidden_dim = 16
     config.batch_size = 10
     config.eval_batch_size = 10
     config.bptt = 10
-    config.learning_rate = 2.0
-    config.warm_epochs = 2
+    config.learning_rate = 20.0
+    config.warm_epochs = 3
     config.quant_epochs = 1
     config.bits = (1, 2)
-    config.reg = 1.0
+    config.reg_values = (1.0,)
+    config.reg_growth = "step"  # one quantized epoch
     return config
