@@ -13,6 +13,7 @@ METHOD_STYLE = {
     "gpfq": ("GPFQ", "tab:blue"),
     "msq": ("MSQ", "tab:orange"),
     "gptq": ("GPTQ", "tab:green"),
+    "qronos": ("Qronos", "tab:red"),
 }
 
 

@@ -32,7 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval_batch_size = 1000
     # Quantization: every Dense/Conv layer, alphabets C·median|W|·linspace(-1, 1, n) as in the
     # GPFQ reference code (n = 3 is ternary, n = 2^b is "b bits").
-    config.methods = ("gpfq", "msq", "gptq")
+    config.methods = ("gpfq", "msq", "gptq", "qronos")
     config.num_letters = (3, 4, 8, 16)
     config.c_values = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
     config.rule = "median"
