@@ -43,6 +43,26 @@ class Layer:
     stack_shape: tuple[int, ...] = ()
     problem: str | None = None
 
+    @classmethod
+    def called(
+        cls,
+        path: str,
+        kind: LayerKind | str,
+        type_name: str,
+        *,
+        stored_shape: tuple[int, ...],
+        seen_shape: tuple[int, ...],
+        calls: int,
+    ) -> Layer:
+        """A layer the forward pass called `calls` times, whose kernel has `stored_shape` in the
+        variables and `seen_shape` inside the call (the difference: the axes added by `scan`);
+        `kind` is its kind or why it has none."""
+        stack = tuple(stored_shape[: len(stored_shape) - len(seen_shape)])
+        problem = kind if isinstance(kind, str) else None
+        if not stack and calls > 1:
+            problem = "is called more than once (shared layers are not supported)"
+        return cls(path, None if isinstance(kind, str) else kind, type_name, stack, problem)
+
 
 class Adapter(abc.ABC):
     """The framework side of `quantize_model`. `state` is the adapter's own representation of the

@@ -97,21 +97,16 @@ class LinenAdapter(Adapter):
         for path, (module, seen_shape) in calls.items():
             if path not in kernel_paths:
                 continue
-            stored = kernel_paths[path]
-            stack = tuple(stored[: len(stored) - len(seen_shape)])
-            kind = _kind(module, seen_shape)
-            problem = kind if isinstance(kind, str) else None
-            if not stack and counts[path] > 1:
-                problem = "is called more than once (shared layers are not supported)"
             name = "/".join(path)
             self._keys[name] = path
             found.append(
-                Layer(
+                Layer.called(
                     name,
-                    None if isinstance(kind, str) else kind,
+                    _kind(module, seen_shape),
                     type(module).__name__,
-                    stack,
-                    problem,
+                    stored_shape=tuple(kernel_paths[path]),
+                    seen_shape=seen_shape,
+                    calls=counts[path],
                 )
             )
         for path in sorted(set(kernel_paths) - set(calls)):

@@ -144,19 +144,14 @@ class NNXAdapter(Adapter):
 
         found = []
         for name, (module, seen_shape, kwargs) in calls.items():
-            stored = tuple(np.shape(self._variable(self._state, name)))
-            stack = stored[: len(stored) - len(seen_shape)]
-            kind = _kind(module, seen_shape, kwargs)
-            problem = kind if isinstance(kind, str) else None
-            if not stack and counts[name] > 1:
-                problem = "is called more than once (shared layers are not supported)"
             found.append(
-                Layer(
+                Layer.called(
                     name,
-                    None if isinstance(kind, str) else kind,
+                    _kind(module, seen_shape, kwargs),
                     type(module).__name__,
-                    stack,
-                    problem,
+                    stored_shape=tuple(np.shape(self._variable(self._state, name))),
+                    seen_shape=seen_shape,
+                    calls=counts[name],
                 )
             )
         for name in self._paths:
