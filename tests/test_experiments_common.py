@@ -127,3 +127,17 @@ def test_write_results_records_command_config_and_machine(tmp_path):
     assert saved["machine"]["devices"] and saved["command"].startswith("python -m ")
     table = (tmp_path / "results.md").read_text()
     assert table.startswith("Command: `python -m") and "Machine:" in table and "| a |" in table
+
+
+def test_time_steps_counts_what_the_config_runs():
+    from experiments import time_steps
+    from experiments.ptb.configs import tiny
+
+    config = tiny.get_config()
+    rows = time_steps.estimate_ptb(config, repeats=1)
+    counts = {what: count for what, count, _ in rows}
+    windows = (config.train_tokens // config.batch_size - 1) // config.bptt
+    assert counts["float train step"] == config.warm_epochs * windows
+    assert counts["ProxQuant 2-bit train step"] == len(config.reg_values) * windows
+    assert len(rows) == 2 + 2 * len(config.bits)
+    assert all(seconds > 0 for _, _, seconds in rows)
