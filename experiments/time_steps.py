@@ -16,7 +16,6 @@ BatchNorm re-estimation, plots) is counted, so the estimate is a lower bound on 
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 
 import jax
@@ -28,6 +27,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import qjax
+from benchmarks import timing
 from experiments import common
 
 FLAGS = flags.FLAGS
@@ -39,13 +39,7 @@ flags.mark_flags_as_required(["experiment", "config"])
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
     """Median wall time of fn() (its outputs awaited), after one untimed call that compiles."""
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return float(np.median(timing.wall_times(fn, repeats=repeats)))
 
 
 def random_images(n: int, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
