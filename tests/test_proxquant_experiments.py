@@ -157,7 +157,9 @@ def test_workdir_of_another_config_is_refused(ptb_run):
     ("module", "config_module", "field", "value", "message"),
     [
         (cifar, cifar_tiny, "dataset", "imagenet", "dataset"),
+        (cifar, cifar_tiny, "methods", ("xnor",), "unknown method 'xnor'"),
         (ptb, ptb_tiny, "dataset", "wikitext", "dataset"),
+        (ptb, ptb_tiny, "methods", ("xnor",), r"unknown methods \['xnor'\]"),
     ],
 )
 def test_bad_config(tmp_path, module, config_module, field, value, message):

@@ -238,6 +238,9 @@ def train_and_evaluate(
     Returns:
       The results, also written to workdir/results.json and results.md.
     """
+    for method in config.methods:  # unknown names fail before any training
+        quantizer_and_mask(config, method)
+        reg_candidates(config, method)
     work = common.open_workdir(config, workdir, on_checkpoint=on_checkpoint)
     splits = load_splits(config)
     steps_per_epoch = len(splits.train.labels) // config.batch_size
