@@ -31,12 +31,12 @@ def noisy_loss(params, model_state, batch, key):
 batches = common.shuffled_batches((X, Y), BATCH, seed=0)
 
 
-def train(workdir, *, epochs=4, loss_fn=noisy_loss):
+def train(workdir, *, epochs=4, loss_fn=noisy_loss, seed=1):
     tx = optax.adam(0.05)
     state = common.TrainState.create(
         {"w": jnp.zeros(3)},
         tx,
-        key=jax.random.key(1),
+        key=jax.random.key(seed),
         model_state={"calls": jnp.zeros((), jnp.int32)},
     )
     return common.run_phase(
@@ -73,16 +73,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
     assert int(resumed_state.step) == 16 and int(resumed_state.model_state["calls"]) == 16
     # The keys matter: another seed gives other weights.
     other = train(common.open_workdir(config(), tmp_path / "c"), epochs=1)[0]
-    tx = optax.adam(0.05)
-    reseeded = common.TrainState.create(
-        {"w": jnp.zeros(3)},
-        tx,
-        key=jax.random.key(2),
-        model_state={"calls": jnp.zeros((), jnp.int32)},
-    )
-    step = common.make_train_step(noisy_loss, tx)
-    for batch in batches(0):
-        reseeded, _ = step(reseeded, batch)
+    reseeded = train(common.open_workdir(config(), tmp_path / "d"), epochs=1, seed=2)[0]
     assert not np.array_equal(other.params["w"], reseeded.params["w"])
 
 
@@ -127,3 +118,17 @@ def test_write_results_records_command_config_and_machine(tmp_path):
     assert saved["machine"]["devices"] and saved["command"].startswith("python -m ")
     table = (tmp_path / "results.md").read_text()
     assert table.startswith("Command: `python -m") and "Machine:" in table and "| a |" in table
+
+
+def test_time_steps_counts_what_the_config_runs():
+    from experiments import time_steps
+    from experiments.ptb.configs import tiny
+
+    config = tiny.get_config()
+    rows = time_steps.estimate_ptb(config, repeats=1)
+    counts = {what: count for what, count, _ in rows}
+    windows = (config.train_tokens // config.batch_size - 1) // config.bptt
+    assert counts["float train step"] == config.warm_epochs * windows
+    assert counts["ProxQuant 2-bit train step"] == len(config.reg_values) * windows
+    assert len(rows) == 2 + 2 * len(config.bits)
+    assert all(seconds > 0 for _, _, seconds in rows)

@@ -1,6 +1,7 @@
 """End-to-end runs of the tiny configs of the ProxQuant experiments (CIFAR ResNet, PTB LSTM):
 results, exact resume after a kill, the workdir's config check."""
 
+import importlib
 import json
 import os
 
@@ -13,10 +14,11 @@ import pytest
 
 from experiments import common
 from experiments.proxquant import train as cifar
+from experiments.proxquant.configs import full as cifar_full
 from experiments.proxquant.configs import tiny as cifar_tiny
 from experiments.ptb import train as ptb
 from experiments.ptb.configs import tiny as ptb_tiny
-from qjax import prox
+from qjax import prox, transforms
 from tests.jax_cache import compilation_cache_dir  # noqa: F401  (module fixture)
 
 
@@ -155,7 +157,9 @@ def test_workdir_of_another_config_is_refused(ptb_run):
     ("module", "config_module", "field", "value", "message"),
     [
         (cifar, cifar_tiny, "dataset", "imagenet", "dataset"),
+        (cifar, cifar_tiny, "methods", ("xnor",), "unknown method 'xnor'"),
         (ptb, ptb_tiny, "dataset", "wikitext", "dataset"),
+        (ptb, ptb_tiny, "methods", ("xnor",), r"unknown methods \['xnor'\]"),
     ],
 )
 def test_bad_config(tmp_path, module, config_module, field, value, message):
@@ -215,3 +219,19 @@ def test_ptb_prox_strength_follows_the_decayed_learning_rate():
         expected = prox.pull_prox(theta, strength, quantizer.project(theta))
         np.testing.assert_allclose(moved, expected, rtol=1e-6)
         assert not np.allclose(moved, theta)
+
+
+@pytest.mark.parametrize("name", ["reduced", "medium"])
+def test_short_cifar_configs_keep_the_papers_total_pull(name):
+    config = importlib.import_module(f"experiments.proxquant.configs.{name}").get_config()
+    steps_per_epoch = (config.train_size - config.validation_size) // config.batch_size
+    for kind in ("binary", "ternary"):
+        (reg,) = config.quant[f"reg_{kind}_values"]
+        pull = transforms.total_pull(
+            learning_rate=config.quant.learning_rate,
+            reg=reg,
+            steps_per_epoch=steps_per_epoch,
+            epochs=config.quant.epochs,
+            growth=config.quant.reg_growth,
+        )
+        assert pull == pytest.approx(cifar_full.PAPER_PULL[kind], rel=5e-3)

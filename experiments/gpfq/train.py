@@ -89,9 +89,56 @@ _evaluator = functools.lru_cache(
 
 
 def optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
-    """AdamW with a cosine decay of the learning rate over the whole run."""
-    schedule = optax.cosine_decay_schedule(config.learning_rate, config.epochs * steps_per_epoch)
+    """AdamW over the whole run, its learning rate by config.schedule.
+
+    "cosine": from config.learning_rate down to 0; "onecycle": up from config.learning_rate / 25
+    to config.learning_rate in the first 30 % of the steps, then down to ~0 (cosine both ways).
+    """
+    total = config.epochs * steps_per_epoch
+    if config.schedule == "cosine":
+        schedule = optax.cosine_decay_schedule(config.learning_rate, total)
+    elif config.schedule == "onecycle":
+        schedule = optax.cosine_onecycle_schedule(total, config.learning_rate)
+    else:
+        raise ValueError(f"config.schedule must be 'cosine' or 'onecycle', got {config.schedule!r}")
     return optax.adamw(schedule, weight_decay=config.weight_decay)
+
+
+def float_phase(
+    config: ml_collections.ConfigDict,
+    model: nn.Module,
+    name: str,
+    sample_images: np.ndarray,
+    steps_per_epoch: int,
+) -> tuple[common.TrainState, common.TrainStep]:
+    """The float phase's initial state and jitted train step (AdamW, optional augmentation).
+
+    Args:
+      config: the experiment config.
+      model: from `create_model`.
+      name: the phase's name (seeds its PRNG keys).
+      sample_images: a few uint8 training images (for the parameter shapes).
+      steps_per_epoch: optimizer steps per epoch (for the learning-rate schedule).
+
+    Returns:
+      (state, train_step) for `common.run_phase`.
+    """
+    variables = jax.jit(functools.partial(model.init, train=False))(
+        common.phase_key(config.seed, f"{name}/init"), preprocess(sample_images, config.dataset)
+    )
+    tx = optimizer(config, steps_per_epoch)
+    loss = common.classifier_loss(
+        model,
+        normalize=NORMALIZERS[config.dataset],
+        augment=data.flip_and_crop if config.augment else None,
+    )
+    state = common.TrainState.create(
+        variables["params"],
+        tx,
+        key=common.phase_key(config.seed, name),
+        model_state={"batch_stats": variables["batch_stats"]},
+    )
+    return state, common.make_train_step(loss, tx)
 
 
 def train_and_evaluate(
@@ -119,26 +166,12 @@ def train_and_evaluate(
         raise ValueError(
             f"batch_size {config.batch_size} exceeds the {len(splits.train.labels)} training images"
         )
-    init_key = common.phase_key(config.seed, f"{name}/init")
-    variables = jax.jit(functools.partial(model.init, train=False))(
-        init_key, preprocess(splits.train.images[:2], config.dataset)
-    )
-    tx = optimizer(config, steps_per_epoch)
-    loss = common.classifier_loss(
-        model,
-        normalize=NORMALIZERS[config.dataset],
-        augment=data.flip_and_crop if config.augment else None,
-    )
+    state, train_step = float_phase(config, model, name, splits.train.images[:2], steps_per_epoch)
     state, _ = common.run_phase(
         workdir,
         name,
-        common.TrainState.create(
-            variables["params"],
-            tx,
-            key=common.phase_key(config.seed, name),
-            model_state={"batch_stats": variables["batch_stats"]},
-        ),
-        common.make_train_step(loss, tx),
+        state,
+        train_step,
         common.shuffled_batches(
             (splits.train.images, splits.train.labels), config.batch_size, seed=config.seed
         ),

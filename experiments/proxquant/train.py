@@ -111,13 +111,27 @@ def quantizer_and_mask(
 def warm_start_optimizer(
     config: ml_collections.ConfigDict, steps_per_epoch: int
 ) -> optax.GradientTransformation:
-    schedule = optax.piecewise_constant_schedule(
-        config.warm.learning_rate,
-        {int(epoch * steps_per_epoch): 0.1 for epoch in config.warm.lr_decay_epochs},
-    )
+    """SGD with momentum and weight decay; learning rate by config.warm.schedule.
+
+    "step" (the paper's): config.warm.learning_rate, ×0.1 at each of config.warm.lr_decay_epochs.
+    "onecycle": up from learning_rate / 25 to learning_rate in the first 30 % of the steps, then
+    down to ~0 (for short budgets).
+    """
+    warm = config.warm
+    if warm.schedule == "step":
+        schedule = optax.piecewise_constant_schedule(
+            warm.learning_rate,
+            {int(epoch * steps_per_epoch): 0.1 for epoch in warm.lr_decay_epochs},
+        )
+    elif warm.schedule == "onecycle":
+        schedule = optax.cosine_onecycle_schedule(warm.epochs * steps_per_epoch, warm.learning_rate)
+    else:
+        raise ValueError(
+            f"config.warm.schedule must be 'step' or 'onecycle', got {warm.schedule!r}"
+        )
     return optax.chain(
-        optax.add_decayed_weights(config.warm.weight_decay),
-        optax.sgd(schedule, momentum=config.warm.momentum),
+        optax.add_decayed_weights(warm.weight_decay),
+        optax.sgd(schedule, momentum=warm.momentum, nesterov=warm.nesterov),
     )
 
 
@@ -153,6 +167,29 @@ def quantization_optimizer(
     return optax.adam(learning_rate), transforms.prox_quant(
         strength, quantizer, clip=1.0, mask=mask
     )
+
+
+def method_param_map(config: ml_collections.ConfigDict, method: str) -> Callable[[Any], Any] | None:
+    """What the forward pass sees: q(θ) through `qjax.straight_through` for BinaryConnect,
+    θ itself (None) for ProxQuant."""
+    if method != "binaryconnect":
+        return None
+    quantizer, mask = quantizer_and_mask(config, method)
+    return functools.partial(transforms.straight_through, quantizer=quantizer, mask=mask)
+
+
+def make_train_step(
+    model,
+    tx: optax.GradientTransformation,
+    *,
+    param_map: Callable[[Any], Any] | None = None,
+    metrics_fn: Callable[[common.TrainState], dict] | None = None,
+) -> common.TrainStep:
+    """The jitted ResNet step: crop + flip, normalize, cross-entropy at param_map(θ), `tx`."""
+    loss = common.classifier_loss(
+        model, normalize=normalize, augment=data.flip_and_crop, param_map=param_map
+    )
+    return common.make_train_step(loss, tx, metrics_fn=metrics_fn)
 
 
 def freeze_optimizer(
@@ -201,6 +238,9 @@ def train_and_evaluate(
     Returns:
       The results, also written to workdir/results.json and results.md.
     """
+    for method in config.methods:  # unknown names fail before any training
+        quantizer_and_mask(config, method)
+        reg_candidates(config, method)
     work = common.open_workdir(config, workdir, on_checkpoint=on_checkpoint)
     splits = load_splits(config)
     steps_per_epoch = len(splits.train.labels) // config.batch_size
@@ -221,15 +261,12 @@ def train_and_evaluate(
         return accuracy({"params": params, "batch_stats": batch_stats}, split.images, split.labels)
 
     def train_phase(name, state, tx, epochs, *, param_map=None, metrics_fn=None, log_every=0):
-        loss = common.classifier_loss(
-            model, normalize=normalize, augment=data.flip_and_crop, param_map=param_map
-        )
         see = (lambda p: p) if param_map is None else jax.jit(param_map)
         return common.run_phase(
             work,
             name,
             state,
-            common.make_train_step(loss, tx, metrics_fn=metrics_fn),
+            make_train_step(model, tx, param_map=param_map, metrics_fn=metrics_fn),
             batches,
             epochs=epochs,
             evaluate=lambda s: {
@@ -260,11 +297,7 @@ def train_and_evaluate(
         quantizer, mask = quantizer_and_mask(config, method)
         inner, last = quantization_optimizer(config, method, steps_per_epoch, reg)
         tx = optax.chain(inner, last)
-        param_map = (
-            functools.partial(transforms.straight_through, quantizer=quantizer, mask=mask)
-            if method == "binaryconnect"
-            else None
-        )
+        param_map = method_param_map(config, method)
         state, history = train_phase(
             name,
             common.TrainState.create(

@@ -216,6 +216,9 @@ def train_and_evaluate(
     Returns:
       The results, also written to workdir/results.json and results.md.
     """
+    unknown = set(config.methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown methods {sorted(unknown)}; expected some of {METHODS}")
     work = common.open_workdir(config, workdir, on_checkpoint=on_checkpoint)
     corpus = load_corpus(config)
     model = lstm.LSTMLanguageModel(
@@ -277,8 +280,6 @@ def train_and_evaluate(
     for bits in config.bits:
         pairs = quantizers_and_masks(bits)
         for method in config.methods:
-            if method not in METHODS:
-                raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
             regs = tuple(config.reg_values) if method == "proxquant" else (None,)
             runs = []
             for reg in regs:

@@ -22,13 +22,15 @@ def get_config() -> ml_collections.ConfigDict:
     config.width_scale = 1.0  # MLP 784 → 500 → BN → 300 → BN → 10
     config.cnn_stages = (32, 64, 128)
     config.cnn_dense = 128
-    # Float training: AdamW with cosine decay.
+    # Float training: AdamW, learning rate by `schedule`: "cosine" (decay from learning_rate) or
+    # "onecycle" (warm-up to learning_rate, then down).
     config.seed = 0
     config.epochs = 10
     config.batch_size = 128
+    config.schedule = "cosine"
     config.learning_rate = 1e-3
     config.weight_decay = 1e-4
-    config.augment = False
+    config.augment = False  # random flip and 4-pixel crop (CIFAR)
     config.eval_batch_size = 1000
     # Quantization: every Dense/Conv layer, alphabets C·median|W|·linspace(-1, 1, n) as in the
     # GPFQ reference code (n = 3 is ternary, n = 2^b is "b bits").

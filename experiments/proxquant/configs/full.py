@@ -65,9 +65,11 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.warm = ml_collections.ConfigDict()
     config.warm.epochs = 200
+    config.warm.schedule = "step"  # or "onecycle" (then lr_decay_epochs is unused)
     config.warm.learning_rate = 0.1
     config.warm.lr_decay_epochs = (100, 150)
     config.warm.momentum = 0.9
+    config.warm.nesterov = False
     config.warm.weight_decay = 1e-4
 
     config.quant = ml_collections.ConfigDict()
