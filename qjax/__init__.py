@@ -69,7 +69,9 @@ from qjax.transforms import (
     mask_by_path,
     prox_quant,
     quantization_error,
+    reg_for_total_pull,
     straight_through,
+    total_pull,
 )
 
 __version__ = "0.2.0"
@@ -116,10 +118,12 @@ __all__ = [
     "qronos_from_stats",
     "quantization_error",
     "quantize_model",
+    "reg_for_total_pull",
     "reestimate_batch_stats",
     "relative_error",
     "rules",
     "stats",
     "straight_through",
+    "total_pull",
     "transforms",
 ]

@@ -76,15 +76,19 @@ def test_mlp_msq_is_rounding_and_report(mlp):
     model, variables, x = mlp
     spec = LayerSpec(method="msq", bits=3, c=1.0, rule="max", per_channel=True)
     quantized, reports = quantize_model(model, variables, x, spec=spec, progress=False)
-    for layer in range(3):
-        w = variables["params"][f"Dense_{layer}"]["kernel"]
+    partial = variables
+    for layer, report in enumerate(reports):
+        name = f"Dense_{layer}"
+        w = variables["params"][name]["kernel"]
         alphabet = alphabets.for_weights(w, c=1.0, bits=3, rule="max", per_channel=True)
-        np.testing.assert_array_equal(
-            quantized["params"][f"Dense_{layer}"]["kernel"], alphabet.project(w)
-        )
-    for r in reports:
-        assert r.method == "msq" and r.num_letters == 8
-        assert r.relative_error == pytest.approx(r.msq_relative_error)
+        q = alphabet.project(w)
+        np.testing.assert_array_equal(quantized["params"][name]["kernel"], q)
+        # The reported error is ||XW − X~Q|| / ||XW|| on the float and partly rounded inputs.
+        x_float, x_tilde = mlp_hidden(variables, x, layer), mlp_hidden(partial, x, layer)
+        expected = np.linalg.norm(x_float @ w - x_tilde @ q) / np.linalg.norm(x_float @ w)
+        assert report.method == "msq" and report.num_letters == 8
+        assert report.relative_error == pytest.approx(expected, rel=1e-3)
+        partial = with_kernel(partial, name, q)
     assert "| Dense_1 | Dense | 12×8 | msq | 8 |" in format_report(reports)
 
 
