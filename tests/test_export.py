@@ -603,7 +603,7 @@ def test_mnist_mlp_and_cifar_cnn_after_msq():
 def test_resnet20_after_proxquant_hard_binary():
     images = jax.random.normal(jax.random.key(15), (2, 32, 32, 3))
     # ProxQuant keeps the first layer, the shortcuts and the classifier in float.
-    mask = transforms.mask_by_path(exclude=[".*shortcut.*", "conv_init/.*", "head/.*"])
+    mask = transforms.mask_by_path(exclude=[".*shortcut.*", ".*conv_init/.*", ".*head/.*"])
     quantize = lambda p: transforms.hard_quantize(p, "binary", mask=mask)
     model = resnet.ResNet20()
     packed, _ = _apply_packed_and_float(model, (images,), quantize, mask=mask, train=False)

@@ -72,20 +72,24 @@ def test_vmap_and_scan_over_stacked_kernels_equal_a_loop(method):
     """A stack of L layers (L, N0, N1) with their own statistics and alphabets."""
     problems = [_problem(seed) for seed in range(3)]
     ws = jnp.stack([w for w, _, _ in problems])
-    stats = jax.tree.map(
-        lambda *s: jnp.stack(s), *[qjax.gram_stats(x, xt) for _, x, xt in problems]
+    layers = [qjax.gram_stats(x, xt) for _, x, xt in problems]
+    stats = qjax.GramStats(  # a batch of statistics: stacked matrices, one row count
+        gram=jnp.stack([s.gram for s in layers]),
+        cross=jnp.stack([s.cross for s in layers]),
+        count=layers[0].count,
     )
     alphabet = jax.vmap(lambda w: alphabets.for_weights(w, c=1.0, bits=3, per_channel=True))(ws)
     take = lambda tree, i: jax.tree.map(lambda leaf: leaf[i], tree)
-    loop = jnp.stack([method.quantize(ws[i], take(stats, i), take(alphabet, i)) for i in range(3)])
-    vmapped = jax.vmap(method.quantize_matrix)(ws, stats, alphabet)
+    loop = jnp.stack([method.quantize(ws[i], layers[i], take(alphabet, i)) for i in range(3)])
+    stats_axes = qjax.GramStats(gram=0, cross=0, count=None)
+    vmapped = jax.vmap(method.quantize_matrix, in_axes=(0, stats_axes, 0))(ws, stats, alphabet)
     np.testing.assert_array_equal(vmapped, loop)
 
     def step(carry, layer):
-        w, s, a = layer
-        return carry, method.quantize_matrix(w, s, a)
+        w, gram, cross, a = layer
+        return carry, method.quantize_matrix(w, qjax.GramStats(gram, cross, stats.count), a)
 
-    _, scanned = jax.lax.scan(step, None, (ws, stats, alphabet))
+    _, scanned = jax.lax.scan(step, None, (ws, stats.gram, stats.cross, alphabet))
     np.testing.assert_array_equal(scanned, loop)
     # The batched entry point does the same for leading batch axes.
     np.testing.assert_array_equal(method.quantize(ws, stats, alphabet), loop)

@@ -177,7 +177,8 @@ def test_ternary_proxquant_clips_to_one_after_every_prox():
     config = cifar_tiny.get_config()
     inner, last = cifar.quantization_optimizer(config, "proxquant_ternary", 10, 1.0)
     tx = optax.chain(inner, last)
-    params = {"conv": {"kernel": jnp.linspace(-1.5, 1.5, 8).reshape(2, 4)}}
+    kernel = jnp.linspace(-1.5, 1.5, 8).reshape(2, 4)  # the float layers of the ternary mask too
+    params = {name: {"kernel": kernel} for name in ("conv", "shortcut", "conv_init", "head")}
     updates, _ = tx.update(jax.tree.map(lambda p: -p, params), tx.init(params), params)
     kernel = optax.apply_updates(params, updates)["conv"]["kernel"]
     assert float(jnp.max(jnp.abs(kernel))) == 1.0  # Adam alone would move 1.5 to 1.51

@@ -176,7 +176,7 @@ def train(
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     steps = steps_per_epoch(config, len(corpus.train))
     tx = make_optimizer(config, steps * config.epochs)
-    state = common.TrainState.create(params, tx, seed=config.seed)
+    state = common.TrainState.create(params, tx, key=common.phase_key(config.seed, "float"))
     tokens_per_epoch = steps * config.batch_size * config.seq_len
     clock = {"last": time.perf_counter()}
 
