@@ -31,6 +31,12 @@ def level_label(num_letters: int) -> str:
     return f"{bits}-bit" if 2**bits == num_letters else f"{num_letters} letters"
 
 
+def method_label(method: str) -> str:
+    """ "GPFQ" for "gpfq", "GPFQ (channel neurons)" for "gpfq:channel"."""
+    name, _, conv_neurons = method.partition(":")
+    return name.upper() + (f" ({conv_neurons} neurons)" if conv_neurons else "")
+
+
 def calibration_batches(splits: train.Splits, config: ml_collections.ConfigDict) -> list:
     """A fixed random subset of the training images, preprocessed, in batches."""
     n = min(config.calibration_size, len(splits.train.labels))
@@ -54,13 +60,21 @@ def quantize_and_evaluate(
     num_letters: int,
     c: float,
 ) -> dict:
-    """One quantized model: its validation and test accuracy (%) and per-layer report."""
+    """One quantized model: its validation and test accuracy (%) and per-layer report.
+
+    `method` is a name of `qjax.methods`, optionally with the convolutions' neurons after a
+    colon: "gpfq" (a neuron is an output channel over the whole kh·kw·cin patch) or
+    "gpfq:channel" (the GPFQ paper's code: each (input channel, output channel) kh·kw filter is
+    a neuron over that channel's patches), see `qjax.LayerSpec.conv_neurons`.
+    """
+    name, _, conv_neurons = method.partition(":")
     spec = qjax.LayerSpec(
-        method=method,
+        method=name,
         num_letters=num_letters,
         c=c,
         rule=config.rule,
         per_channel=config.per_channel,
+        conv_neurons=conv_neurons or "patch",
     )
     start = time.perf_counter()
     variables, report = qjax.quantize_model(
@@ -221,7 +235,7 @@ def markdown(results: dict, config: ml_collections.ConfigDict) -> str:
             f"{r['test_accuracy']:.2f} (C={r['c']:g}) [{b['test_accuracy']:.2f}, C={b['c']:g}]"
             for r, b in zip(rows, results["best_on_test"][method], strict=True)
         ]
-        lines.append(f"| {method.upper()} | " + " | ".join(cells) + " |")
+        lines.append(f"| {method_label(method)} | " + " | ".join(cells) + " |")
     ternary = [r for r in results["sweep"] if r["num_letters"] == 3]
     if ternary:
         cs = list(config.c_values)
@@ -235,13 +249,13 @@ def markdown(results: dict, config: ml_collections.ConfigDict) -> str:
         for method in results["chosen_on_valid"]:
             acc = {r["c"]: r for r in ternary if r["method"] == method}
             cells = [f"{acc[c]['valid_accuracy']:.2f} / {acc[c]['test_accuracy']:.2f}" for c in cs]
-            lines.append(f"| {method.upper()} | " + " | ".join(cells) + " |")
+            lines.append(f"| {method_label(method)} | " + " | ".join(cells) + " |")
     lines += [
         "",
         f"Per-layer relative error ||XW − X~Q|| / ||XW||, {results['layer_errors_level']}, "
         "C chosen on validation:",
         "",
-        "| layer | " + " | ".join(m.upper() for m in results["layer_errors"]) + " |",
+        "| layer | " + " | ".join(method_label(m) for m in results["layer_errors"]) + " |",
         "|---" * (len(results["layer_errors"]) + 1) + "|",
     ]
     per_method = list(results["layer_errors"].values())

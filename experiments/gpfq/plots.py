@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt
 
 METHOD_STYLE = {
     "gpfq": ("GPFQ", "tab:blue"),
+    "gpfq:channel": ("GPFQ, paper's conv neurons", "tab:purple"),
     "msq": ("MSQ", "tab:orange"),
     "gptq": ("GPTQ", "tab:green"),
     "qronos": ("Qronos", "tab:red"),

@@ -28,6 +28,10 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
     config.calibration_size = 512
     config.calibration_batch_size = 128
     config.c_values = (2.0, 3.0, 4.0, 5.0)  # the paper's best C per bit width lie in 2..5
+    # GPFQ twice: "gpfq" takes a convolution's neuron to be an output channel over the whole
+    # kh·kw·cin patch (Zhang & Saab's variant); "gpfq:channel" is the GPFQ paper's code, where
+    # every (input channel, output channel) kh·kw filter is a neuron over that channel's patches.
+    config.methods = ("gpfq", "gpfq:channel", "msq", "gptq", "qronos")
     config.width_scales = ()
     if variant == "tiny":
         mnist.tiny(config)
@@ -44,7 +48,7 @@ def medium(config: ml_collections.ConfigDict) -> None:
 
     45,000 training images (5,000 held out for validation), 16 epochs of AdamW (weight decay
     0.05) with a one-cycle learning rate (peak 3e-3) and the usual CIFAR augmentation (random
-    flip, 4-pixel crop); then GPFQ, MSQ and GPTQ at ternary, 2, 3 and 4 bits, C in 2..5, chosen
+    flip, 4-pixel crop); then GPFQ (both conv variants), MSQ, GPTQ and Qronos at ternary, 2, 3 and 4 bits, C in 2..5, chosen
     on validation. Estimated run time: 87 minutes on a quiet 2-core x86-64 CPU
     (docs/experiments.md: timed steps).
     """
