@@ -15,6 +15,7 @@ Layers under `scan` (stacked kernels) are quantized slice by slice, each with it
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -31,10 +32,10 @@ from jax.sharding import Mesh
 from jax.typing import ArrayLike
 from tqdm.auto import tqdm
 
-from qjax.adapters.base import Adapter, Layer
+from qjax.adapters.base import Adapter, Layer, PairedPass
 from qjax.adapters.linen import LinenAdapter
 from qjax.adapters.nnx import NNXAdapter
-from qjax.layers import LayerKind
+from qjax.layers import Conv, ConvByChannel, LayerKind
 from qjax.methods.msq import MSQ
 from qjax.rules import DEFAULT_SPEC, LayerSpec, Rules
 from qjax.stats import (
@@ -156,6 +157,84 @@ def _in_forward_order(found: Sequence[Layer]) -> list[tuple[Layer, tuple[int, ..
     return units
 
 
+def _errors(method, matrix, q, stats: GramStats, alphabet) -> jax.Array:
+    """(relative error of Q, relative error had W been rounded (MSQ)) from the layer's stats."""
+    rounded = q if isinstance(method, MSQ) else MSQ().quantize(matrix, stats, alphabet)
+    return jnp.stack([relative_error(matrix, q, stats), relative_error(matrix, rounded, stats)])
+
+
+# A convolution's rows are its input patches, kh·kw times the input: in a paired pass they are
+# formed and summed over chunks of examples of at most this many rows.
+_MAX_PATCH_ROWS = 1 << 16
+
+
+@dataclasses.dataclass(frozen=True)
+class _LayerStep:
+    """A paired pass's step at one layer (one slice): stats of all calibration rows, then Q.
+
+    Traced inside the pass (`qjax.adapters.base.paired_kernel`); hashable, so that the compiled
+    pass is reused by later calls with the same specs.
+    """
+
+    spec: LayerSpec
+    kind: LayerKind
+
+    def __hash__(self):
+        try:
+            return hash((self.spec, self.kind))
+        except TypeError:  # a spec holding arrays (a fixed alphabet): compiled for this call
+            return id(self)
+
+    def __eq__(self, other):
+        if self is other:
+            return True
+        if not isinstance(other, _LayerStep):
+            return False
+        try:
+            hash((self.spec, other.spec))
+        except TypeError:
+            return False
+        return (self.spec, self.kind) == (other.spec, other.kind)
+
+    def alphabet(self, kernel: jax.Array):
+        """The layer's alphabet for this kernel (slice)."""
+        return self.spec.make_alphabet(self.kind.to_matrix(kernel))
+
+    def __call__(self, kernel: jax.Array, x: jax.Array, x_tilde: jax.Array):
+        matrix = self.kind.to_matrix(kernel)
+        stats = gram_stats_init(
+            matrix.shape[-2],
+            batch_shape=matrix.shape[:-2],
+            track_error=True,
+            dtype=jnp.result_type(matrix.dtype, jnp.float32),
+        )
+        stats = self._accumulate(stats, x, x_tilde)
+        method = self.spec.quantizer
+        alphabet = self.spec.make_alphabet(matrix)
+        q = method.quantize(matrix, stats, alphabet)
+        return self.kind.from_matrix(q), _errors(method, matrix, q, stats, alphabet)
+
+    def _accumulate(self, stats: GramStats, x: jax.Array, x_tilde: jax.Array) -> GramStats:
+        if not isinstance(self.kind, Conv | ConvByChannel):
+            return accumulate(stats, self.kind.rows(x), self.kind.rows(x_tilde))
+        examples = x.shape[0]
+        per_example = self.kind.rows(x[:1]).shape[-2]
+        chunk = max(
+            (
+                d
+                for d in range(1, examples + 1)
+                if examples % d == 0 and d * per_example <= _MAX_PATCH_ROWS
+            ),
+            default=1,
+        )
+        chunked = lambda a: a.reshape(examples // chunk, chunk, *a.shape[1:])
+
+        def add(stats, pair):
+            return accumulate(stats, self.kind.rows(pair[0]), self.kind.rows(pair[1])), None
+
+        return jax.lax.scan(add, stats, (chunked(x), chunked(x_tilde)))[0]
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _rows(kind: LayerKind, x) -> jax.Array:
     return kind.rows(x)
@@ -167,6 +246,76 @@ def _add_rows(kind: LayerKind, stats: GramStats, x, x_tilde) -> GramStats:
     return accumulate(stats, kind.rows(x), kind.rows(x_tilde))
 
 
+def _in_one_pass(
+    adapter: Adapter,
+    found: Sequence[Layer],
+    units: Sequence[tuple[Layer, tuple[int, ...]]],
+    table: Rules,
+    batch: jax.Array,
+    progress: bool,
+) -> tuple[Any, list[LayerReport]]:
+    """`quantize_model` as one paired forward pass over all calibration examples at once."""
+    steps = {}
+    for layer in found:
+        spec = table.spec_for(layer.path)
+        if not spec.skip:
+            steps[layer.path] = _LayerStep(spec, spec.layer_kind(layer.kind))
+    todo = sum(layer.path in steps for layer, _ in units)
+    finished: list[float] = []
+    bar = tqdm(total=todo, desc="quantizing layers in one pass", disable=not progress)
+
+    def layer_done(errors):
+        finished.append(time.perf_counter())
+        bar.update()
+
+    start = time.perf_counter()
+    PairedPass.listener = layer_done
+    try:
+        state, errors = adapter.paired_pass(list(found), steps, batch)
+        jax.effects_barrier()
+    finally:
+        PairedPass.listener = None
+        bar.close()
+    if len(finished) != todo:
+        raise RuntimeError(f"the paired pass quantized {len(finished)} of {todo} layers")
+    times = np.diff([start, *finished])
+
+    reports, done = [], 0
+    for layer, index in units:
+        name = layer.path + (f"[{', '.join(map(str, index))}]" if index else "")
+        kernel = adapter.kernel(adapter.state, layer)
+        shape = tuple(kernel.shape[len(layer.stack_shape) :])
+        step = steps.get(layer.path)
+        if step is None:
+            reports.append(LayerReport(name, layer.type_name, "skip", shape, None, None, None, 0))
+            continue
+        matrix = jax.ShapeDtypeStruct(shape, kernel.dtype)
+        alphabet = jax.eval_shape(step.alphabet, matrix)
+        error, msq_error = map(float, errors[layer.path][index])
+        reports.append(
+            LayerReport(
+                name,
+                step.kind.name,
+                step.spec.quantizer.name,
+                shape,
+                alphabet.size,
+                error,
+                msq_error,
+                float(times[done]),
+            )
+        )
+        done += 1
+        logging.info(
+            "%s %s: relative error %.4f (MSQ %.4f), %d letters",
+            name,
+            step.spec.quantizer.name,
+            error,
+            msq_error,
+            alphabet.size,
+        )
+    return state, reports
+
+
 def quantize_model(
     model: nn.Module | nnx.Module,
     *args: Any,
@@ -175,6 +324,7 @@ def quantize_model(
     layers: RulesLike | None = None,
     apply_kwargs: Mapping[str, Any] | None = None,
     mesh: Mesh | None = None,
+    one_pass: bool | None = None,
     progress: bool = True,
 ) -> tuple[Any, list[LayerReport]]:
     """Quantizes every Dense, DenseGeneral, Einsum and Conv kernel of a Flax model, in call order.
@@ -206,6 +356,16 @@ def quantize_model(
         The forward passes run where the model and the batches are. On several hosts
         (`jax.distributed`), every process passes its own calibration batches, the same number
         of them, and gets the whole quantized model.
+      one_pass: how the model is run.
+        True: one compiled forward pass of the float model and the model being quantized side
+        by side over all calibration examples at once, each layer quantized as the pass reaches
+        it (fast: one compilation, two model evaluations in all; memory: the activations of the
+        whole calibration set, twice).
+        False: layer by layer, batch by batch (memory bounded by one batch; two forward passes
+        per layer and batch, one compilation per layer).
+        None (default): one pass when the calibration is an array or a list of batches and no
+        mesh is given; layer by layer for a function of batches (streamed data) or a mesh.
+        Both give the same codes up to the rounding of the statistics' sums.
       progress: show a progress bar over layers.
 
     Returns:
@@ -234,10 +394,19 @@ def quantize_model(
                 f"rules=[({layer.path!r}, LayerSpec(method='skip'))]"
             )
 
+    units = _in_forward_order(found)
+    if one_pass is None:
+        one_pass = mesh is None and not callable(calibration)
+    if one_pass:
+        if mesh is not None:
+            raise ValueError("one_pass=True runs on one device: give mesh= with one_pass=False")
+        batch = jnp.concatenate([_checked(b, first.shape) for b in batches()])
+        state, reports = _in_one_pass(adapter, found, units, table, batch, progress)
+        return adapter.result(state), reports
+
     float_state = adapter.state
     current = float_state
     reports = []
-    units = _in_forward_order(found)
     for layer, index in tqdm(units, desc="quantizing layers", disable=not progress):
         layer_spec = table.spec_for(layer.path)
         name = layer.path + (f"[{', '.join(map(str, index))}]" if index else "")
@@ -269,9 +438,7 @@ def quantize_model(
         q = method.quantize(matrix, stats, alphabet)
         if mesh is not None:  # all of Q on this process, for the next forward passes
             q = jnp.asarray(multihost_utils.process_allgather(q, tiled=True))
-        rounded = q if isinstance(method, MSQ) else MSQ().quantize(matrix, stats, alphabet)
-        error = float(relative_error(matrix, q, stats))
-        msq_error = float(relative_error(matrix, rounded, stats))
+        error, msq_error = map(float, _errors(method, matrix, q, stats, alphabet))
         new_kernel = kernel.at[index].set(kind.from_matrix(q).astype(kernel.dtype))
         current = adapter.with_kernel(current, layer, new_kernel)
         seconds = time.perf_counter() - start

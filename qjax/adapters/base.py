@@ -7,6 +7,17 @@ it is. Adding a framework is one new adapter file.
 Layers applied under `nn.scan` / `nnx.scan` own stacked kernels (L, ...): each slice l is its own
 layer with its own inputs X and X~, quantized in order. Their inputs are captured from inside the
 scan by an ordered host callback (the l-th call of the layer in a forward pass is slice l).
+
+Two ways to drive a model, both given by every adapter:
+
+* layer by layer (`inputs`): the engine captures one layer's X and X~ batch by batch, two
+  forward passes per layer and batch, with bounded memory;
+* in one pass (`paired_pass`): the float model and the model being quantized run side by side,
+  as the two members of a `jax.vmap` over a pair axis named `PAIR_AXIS`, in one compiled program.
+  At each layer call, `paired_kernel` gathers the layer's input of both members (X, X~), lets
+  the engine's quantizer turn them and the kernel into Q, and hands member 0 the float kernel and
+  member 1 the quantized one; the layers after it then see X~ computed with Q. The vmap keeps the
+  two members apart whatever the model does across its batch axis.
 """
 
 from __future__ import annotations
@@ -14,15 +25,32 @@ from __future__ import annotations
 import abc
 import dataclasses
 import threading
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
 from qjax.layers import LayerKind
 
-__all__ = ["Adapter", "Layer", "StackedInputs"]
+__all__ = [
+    "PAIR_AXIS",
+    "Adapter",
+    "Layer",
+    "LayerQuantizer",
+    "PairedPass",
+    "StackedInputs",
+    "paired_kernel",
+]
+
+PAIR_AXIS = "qjax_pair"
+
+# quantizer(kernel, x, x_tilde) -> (Q, errors): the engine's traced per-layer step (one slice of
+# a stacked layer); errors = (relative error, MSQ's relative error). Hashable, so that compiled
+# passes are reused.
+LayerQuantizer = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +119,18 @@ class Adapter(abc.ABC):
         `state` runs on `batch`."""
 
     @abc.abstractmethod
+    def paired_pass(
+        self, layers: list[Layer], quantizers: Mapping[str, LayerQuantizer], batch: Any
+    ) -> tuple[Any, dict[str, np.ndarray]]:
+        """One forward pass on `batch` quantizing, in call order, every layer of `quantizers`
+        (by path) with `paired_kernel`.
+
+        Returns:
+          (the float state with those layers' kernels quantized, {path: errors of shape
+          stack_shape + (2,)}).
+        """
+
+    @abc.abstractmethod
     def result(self, state: Any) -> Any:
         """What `quantize_model` returns for `state` (variables, or a new module)."""
 
@@ -125,3 +165,36 @@ class StackedInputs:
                 f"kernel has a slice {flat_index}: is it applied under scan over all its slices?"
             )
         return calls[flat_index]
+
+
+class PairedPass:
+    """Progress of a running paired pass: `listener(errors)` (set by the engine) is called on the
+    host as each layer (slice) is quantized."""
+
+    listener: Callable[[np.ndarray], None] | None = None
+
+    @classmethod
+    def _layer_done(cls, errors) -> None:
+        if cls.listener is not None:
+            cls.listener(np.asarray(errors))
+
+
+def paired_kernel(
+    kernel: jax.Array, x: jax.Array, quantizer: LayerQuantizer
+) -> tuple[jax.Array, jax.Array]:
+    """Inside a paired pass (under `jax.vmap(..., axis_name=PAIR_AXIS)`): the kernel this member
+    uses at one layer call, and the layer's errors.
+
+    Args:
+      kernel: the layer's float kernel (the slice, under scan), the same in both members.
+      x: this member's input of the layer: X in member 0 (float), X~ in member 1.
+      quantizer: the engine's step for this layer.
+
+    Returns:
+      (W in member 0 and Q in member 1, the errors (2,)).
+    """
+    both = jax.lax.all_gather(x, PAIR_AXIS)  # one value, not per member: quantized once
+    q, errors = quantizer(kernel, both[0], both[1])
+    jax.debug.callback(PairedPass._layer_done, errors)
+    member = jax.lax.axis_index(PAIR_AXIS)
+    return jnp.where(member == 0, kernel, q.astype(kernel.dtype)), errors

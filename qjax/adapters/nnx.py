@@ -18,11 +18,12 @@ import functools
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from qjax import layers as kinds
-from qjax.adapters.base import Adapter, Layer, StackedInputs
+from qjax.adapters.base import PAIR_AXIS, Adapter, Layer, StackedInputs, paired_kernel
 from qjax.patches import ConvGeometry
 from qjax.rules import path_name
 
@@ -91,6 +92,20 @@ def _recording(hook):
 
 def _value(variable) -> jax.Array:
     return variable.get_value() if hasattr(variable, "get_value") else variable.value
+
+
+def _set_value(variable, value) -> None:
+    if hasattr(variable, "set_value"):
+        variable.set_value(value)
+    else:
+        variable.value = value
+
+
+class _Errors(nnx.Variable):
+    """A layer's errors in a paired pass (relative error, MSQ's), with the kernel's stack axes."""
+
+
+_ERRORS_ATTRIBUTE = "_qjax_errors"
 
 
 class NNXAdapter(Adapter):
@@ -190,8 +205,35 @@ class NNXAdapter(Adapter):
 
         return jax.numpy.asarray(StackedInputs.collect(run, flat))
 
+    def paired_pass(self, layers, quantizers, batch):
+        stacks = {layer.path: layer.stack_shape for layer in layers}
+        module = nnx.merge(self.graphdef, self._state)
+        for path in quantizers:  # a slot for each layer's errors, scanned like its kernel
+            slot = _Errors(jnp.zeros((*stacks[path], 2)))
+            setattr(_submodule(module, self._paths[path]), _ERRORS_ATTRIBUTE, slot)
+        graphdef, state = nnx.split(module)
+        out = _paired_pass(
+            graphdef,
+            tuple((path, self._paths[path], q) for path, q in quantizers.items()),
+            self.call_kwargs,
+            state,
+            batch,
+        )
+        current, errors = self._state, {}
+        for path, (kernel, error) in out.items():
+            current = self.with_kernel(current, Layer(path, None, ""), kernel[1])
+            errors[path] = np.asarray(error[1])
+        return current, errors
+
     def result(self, state) -> nnx.Module:
         return nnx.merge(self.graphdef, state)
+
+
+def _submodule(module: nnx.Module, keys: tuple[Any, ...]) -> nnx.Module:
+    """The module at a key path of `nnx.iter_graph` (attribute names, list indices)."""
+    for key in keys:
+        module = module[key] if isinstance(key, int) else getattr(module, key)
+    return module
 
 
 class _Target:
@@ -225,3 +267,29 @@ def _stacked_pass(graphdef, path, call_kwargs, state, batch):
     _Target.path, _Target.stacked = path, True
     nnx.merge(graphdef, state)(batch, **dict(call_kwargs))
     _Target.path = None
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _paired_pass(graphdef, quantizers, call_kwargs, state, batch):
+    """`NNXAdapter.paired_pass` as one compiled program: {path: (kernel, errors)}, each with a
+    leading pair axis (index 1: the quantized member)."""
+    by_path = {path: quantizer for path, _, quantizer in quantizers}
+
+    def hook(module, args, kwargs):
+        quantizer = by_path.get(getattr(module, _PATH_ATTRIBUTE, None))
+        if quantizer is not None:
+            kernel, errors = paired_kernel(_value(module.kernel), args[0], quantizer)
+            _set_value(module.kernel, kernel)
+            _set_value(getattr(module, _ERRORS_ATTRIBUTE), errors)
+
+    def member(state):
+        module = nnx.merge(graphdef, state)
+        with _recording(hook):
+            module(batch, **dict(call_kwargs))
+        out = {}
+        for path, keys, _ in quantizers:
+            layer = _submodule(module, keys)
+            out[path] = (_value(layer.kernel), _value(getattr(layer, _ERRORS_ATTRIBUTE)))
+        return out
+
+    return jax.vmap(member, in_axes=None, axis_name=PAIR_AXIS, axis_size=2)(state)
