@@ -253,3 +253,107 @@ def test_group_wise_alphabets_through_the_engine(lm):
     # Different groups of one column have different steps.
     steps = {float(np.round(np.min(np.abs(fc2[4 * g : 4 * g + 4, 0])), 6)) for g in range(4)}
     assert len(steps) > 1
+
+
+# ------------------------------------------------------------------------------------------
+# One paired pass against layer by layer.
+# ------------------------------------------------------------------------------------------
+
+
+def _codes(result):
+    tree = nnx.state(result) if isinstance(result, nnx.Module) else result
+    return {k.removeprefix("params/"): np.asarray(v) for k, v in _by_name(tree).items()}
+
+
+@pytest.mark.parametrize("method", ["gpfq", "gptq", "qronos"])
+def test_one_pass_equals_layer_by_layer(lm, method):
+    """Both schedules quantize each layer (each slice of the scanned stack) from the same X and
+    X~: the same codes and errors, in Linen and NNX."""
+    model, variables, module, calibration = lm
+    spec = LayerSpec(method=method, bits=3, group_size=4)
+    for args in ((model, variables, calibration), (module, calibration)):
+        one, one_reports = qjax.quantize_model(*args, spec=spec, one_pass=True, progress=False)
+        by_layer, reports = qjax.quantize_model(*args, spec=spec, one_pass=False, progress=False)
+        expected = _codes(by_layer)
+        for name, value in _codes(one).items():
+            np.testing.assert_array_equal(value, expected[name], err_msg=name)
+        assert [r.path for r in one_reports] == [r.path for r in reports]
+        for got, want in zip(one_reports, reports, strict=True):
+            assert got.num_letters == want.num_letters == 8
+            np.testing.assert_allclose(got.relative_error, want.relative_error, rtol=1e-4)
+            np.testing.assert_allclose(got.msq_relative_error, want.msq_relative_error, rtol=1e-4)
+
+
+def test_second_call_reuses_the_compiled_pass(lm):
+    """A second quantization with equal specs runs the compiled pass again, without tracing or
+    compiling the model anew (the cost of a first call is mostly compilation)."""
+    from qjax.adapters import linen as linen_adapter
+    from qjax.adapters import nnx as nnx_adapter
+
+    model, variables, module, calibration = lm
+    spec = LayerSpec(method="gptq", bits=4)
+    for pass_fn, args in (
+        (nnx_adapter._paired_pass, (module, calibration)),
+        (linen_adapter._paired_pass, (model, variables, calibration)),
+    ):
+        qjax.quantize_model(*args, spec=spec, progress=False)
+        compiled = pass_fn._cache_size()
+        qjax.quantize_model(*args, spec=LayerSpec(method="gptq", bits=4), progress=False)
+        assert pass_fn._cache_size() == compiled
+
+
+def test_streamed_calibration_and_mesh_run_layer_by_layer(lm, monkeypatch):
+    from qjax.adapters.nnx import NNXAdapter
+
+    _, _, module, calibration = lm
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("paired_pass called")
+
+    monkeypatch.setattr(NNXAdapter, "paired_pass", refuse)
+    qjax.quantize_model(module, lambda: iter(calibration), progress=False)  # streamed
+    with pytest.raises(AssertionError, match="paired_pass called"):
+        qjax.quantize_model(module, calibration, progress=False)
+    with pytest.raises(ValueError, match="one_pass=True runs on one device"):
+        qjax.quantize_model(
+            module, calibration, one_pass=True, mesh=qjax.make_mesh(), progress=False
+        )
+
+
+def test_fixed_alphabet_in_one_pass(lm):
+    """A spec holding arrays (a fixed alphabet) cannot key a compilation cache; it still runs."""
+    _, _, module, calibration = lm
+    alphabet = qjax.alphabets.UniformAlphabet(step=jnp.asarray(0.25), size=4)
+    rules = [("blocks/.*", LayerSpec(alphabet=alphabet)), ("head", LayerSpec(method="skip"))]
+    new, reports = qjax.quantize_model(module, calibration, rules=rules, progress=False)
+    letters = {-0.375, -0.125, 0.125, 0.375}
+    assert set(np.unique(np.asarray(new.blocks.fc1.kernel.get_value())).tolist()) <= letters
+    assert reports[-1].method == "skip"
+
+
+def test_convolution_rows_are_summed_in_chunks(monkeypatch):
+    """In one pass, a convolution's patches are formed a few examples at a time (bounded
+    memory); the codes are those of the layer-by-layer schedule."""
+    from qjax import engine
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.Conv(6, (3, 3))(x))
+            x = nn.relu(nn.Conv(4, (3, 3), strides=2)(x))
+            return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+    images = jax.random.normal(jax.random.key(0), (12, 8, 8, 3))
+    model = Net()
+    variables = model.init(jax.random.key(1), images)
+    monkeypatch.setattr(engine, "_MAX_PATCH_ROWS", 3 * 64)  # 3 images of 8×8 patches a chunk
+    for spec in (
+        LayerSpec(method="gpfq", bits=2),
+        LayerSpec(method="gpfq", conv_neurons="channel"),
+    ):
+        one, _ = qjax.quantize_model(model, variables, images, spec=spec, progress=False)
+        by_layer, _ = qjax.quantize_model(
+            model, variables, [images[:5], images[5:]], spec=spec, one_pass=False, progress=False
+        )
+        for name, value in _codes(one).items():
+            np.testing.assert_allclose(value, _codes(by_layer)[name], atol=1e-6, err_msg=name)
