@@ -442,7 +442,7 @@ def open_workdir(
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet_orbax():
     """Silence orbax's per-save INFO lines (they would drown the training log)."""
     verbosity = logging.get_verbosity()
     logging.set_verbosity(logging.WARNING)
@@ -456,7 +456,7 @@ class _PhaseCheckpoints:
     """Orbax checkpoints of one phase, (state, history) per epoch, the latest kept."""
 
     def __init__(self, directory: str):
-        with _quiet():
+        with quiet_orbax():
             self.manager = ocp.CheckpointManager(
                 directory, options=ocp.CheckpointManagerOptions(max_to_keep=1)
             )
@@ -465,7 +465,7 @@ class _PhaseCheckpoints:
         return self.manager.latest_step()
 
     def save(self, epoch: int, state: TrainState, history: dict) -> None:
-        with _quiet():
+        with quiet_orbax():
             self.manager.save(
                 epoch,
                 args=ocp.args.Composite(
@@ -475,7 +475,7 @@ class _PhaseCheckpoints:
             self.manager.wait_until_finished()  # a kill right after loses nothing
 
     def restore(self, epoch: int, like: TrainState) -> tuple[TrainState, dict]:
-        with _quiet():
+        with quiet_orbax():
             restored = self.manager.restore(
                 epoch,
                 args=ocp.args.Composite(

@@ -505,7 +505,10 @@ def _infer_grid(w: np.ndarray, layout: _Layout) -> _Grid | None:
 def _off_grid_advice(name: str) -> str:
     return (
         f"quantize this parameter first, or pass its alphabet (alphabets={{{name!r}: ...}}), or "
-        "leave it out of the export (mask=)"
+        "leave it out of the export (mask=). After ProxQuant, weights are on a zero-centred "
+        "uniform grid only with qjax.prox.ternary_quantizer(symmetric=True) or "
+        "qjax.prox.multibit_quantizer(uniform=True); the default ternary (asymmetric) and "
+        "multi-bit (greedy) quantizers give weights that cannot be stored as codes and one scale"
     )
 
 
@@ -607,8 +610,7 @@ def _alphabet_grid(w: np.ndarray, alphabet: AnyAlphabet, name: str) -> _Grid:
         raise ValueError(
             f"weights of {name!r} are off the alphabet: {int(off.sum())} of {w.size} entries, "
             f"e.g. w{list(map(int, first))} = {w[first]} is {distance[first] / steps[first]:.3g} "
-            f"steps from its nearest letter {letters[first]}; quantize this parameter first, or "
-            "pass the alphabet it was quantized to, or leave it out of the export (mask=)"
+            f"steps from its nearest letter {letters[first]}; {_off_grid_advice(name)}"
         )
     return _Grid(codes=codes, scale=scale, num_letters=alphabet.size, layout=layout)
 

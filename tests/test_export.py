@@ -335,7 +335,7 @@ def test_rejects_weights_off_the_alphabet():
     with pytest.raises(
         ValueError,
         match=r"1 of 80 entries, e.g. w\[3, 2\] = .* is 0.01 steps from its nearest letter .*; "
-        "quantize this parameter first, or pass the alphabet it was quantized to",
+        "quantize this parameter first, or pass its alphabet",
     ):
         export.quantize_array(nudged, alphabet)
 

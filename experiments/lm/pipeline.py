@@ -210,7 +210,7 @@ def train(
 
 def save_float_model(model: TransformerLM, workdir: common.Workdir) -> None:
     """Saves the model's parameters to `<workdir>/float_model` (orbax, replacing any)."""
-    with common._quiet(), ocp.StandardCheckpointer() as checkpointer:
+    with common.quiet_orbax(), ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(workdir.file(FLOAT_MODEL), nnx.state(model, nnx.Param), force=True)
 
 
@@ -228,7 +228,7 @@ def restore_float_model(
       The `TransformerLM` with the saved parameters (in training mode, as built).
     """
     model = make_model(config, vocab_size)
-    with common._quiet(), ocp.StandardCheckpointer() as checkpointer:
+    with common.quiet_orbax(), ocp.StandardCheckpointer() as checkpointer:
         params = checkpointer.restore(
             os.path.join(os.path.abspath(workdir), FLOAT_MODEL), nnx.state(model, nnx.Param)
         )

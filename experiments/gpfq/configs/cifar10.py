@@ -48,9 +48,9 @@ def medium(config: ml_collections.ConfigDict) -> None:
 
     45,000 training images (5,000 held out for validation), 16 epochs of AdamW (weight decay
     0.05) with a one-cycle learning rate (peak 3e-3) and the usual CIFAR augmentation (random
-    flip, 4-pixel crop); then GPFQ (both conv variants), MSQ, GPTQ and Qronos at ternary, 2, 3 and 4 bits, C in 2..5, chosen
-    on validation. Estimated run time: 87 minutes on a quiet 2-core x86-64 CPU
-    (docs/experiments.md: timed steps).
+    flip, 4-pixel crop); then GPFQ (both conv variants), MSQ, GPTQ and Qronos at ternary, 2, 3
+    and 4 bits, C in 2..5, chosen on validation. Estimated run time: 87 minutes on a quiet 2-core
+    x86-64 CPU (docs/experiments.md: timed steps).
     """
     config.epochs = 16
     config.schedule = "onecycle"
