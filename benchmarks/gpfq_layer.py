@@ -3,7 +3,7 @@
 The floor is the time of just computing X~ᵀX~ and X~ᵀX with a jitted matmul, which every
 data-aware method must do. Everything is measured in this one run, on the same data:
 
-    python -m benchmarks.gpfq_layer            # the sizes (a few minutes on 2 CPU cores)
+    python -m benchmarks.gpfq_layer            # the default sizes (a few minutes on 2 CPU cores)
     python -m benchmarks.gpfq_layer --small    # a quick smoke run
 
 Targets: time / floor <= 1.5 for the dense layer (m=20000, N0=784, N1=500) and for the conv layer

@@ -2,7 +2,7 @@
 
 Everything is measured in this one run, on the same data:
 
-    python -m benchmarks.qronos                 # the sizes (a few minutes on 2 CPU cores)
+    python -m benchmarks.qronos                 # the default sizes (a few minutes on 2 CPU cores)
     python -m benchmarks.qronos --small         # a quick smoke run
     python -m benchmarks.qronos --no-brevitas   # qjax only
     python -m benchmarks.qronos --errors        # layer errors instead (synthetic, MNIST MLP)
