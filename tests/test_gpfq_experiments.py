@@ -99,7 +99,7 @@ def test_configs_reject_unknown_variant():
 @pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_DATA / "mnist").is_dir(), reason="needs ../shared/data/mnist")
 def test_real_mnist_accuracy_bounds(tmp_path):
-    """The issue's bounds on full MNIST (C chosen on validation): float ≥ 98 %, GPFQ ≥ MSQ, GPFQ
+    """The expected bounds on full MNIST (C chosen on validation): float ≥ 98 %, GPFQ ≥ MSQ, GPFQ
     4-bit within 0.5 pt, ternary within 2 pt of float."""
     config = mnist.get_config()
     config.data_dir = str(SHARED_DATA)
