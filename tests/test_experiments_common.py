@@ -89,6 +89,30 @@ def test_config_change_is_refused_with_the_fields_named(tmp_path):
     assert stored["fields"]["lr"] == 0.2 and len(stored["replaced"]) == 1
 
 
+@pytest.mark.parametrize(
+    ("module", "variant"),
+    [
+        ("experiments.gpfq.configs.cifar10", "medium"),
+        ("experiments.gpfq.configs.mnist_embedded", None),
+        ("experiments.proxquant.configs.medium", None),
+        ("experiments.ptb.configs.medium", None),
+        ("experiments.lm.configs.ptb", None),
+        ("experiments.export.configs.mnist_embedded", None),
+    ],
+)
+def test_allow_config_change_is_a_field_of_every_experiment(module, variant):
+    """`--config.allow_config_change=True` overrides a field of the (locked) config: it must
+    exist, False by default, and stay out of the fingerprint."""
+    import importlib
+
+    get_config = importlib.import_module(module).get_config
+    config = get_config(variant) if variant else get_config()
+    assert config.allow_config_change is False
+    config.lock()
+    config.allow_config_change = True  # a locked ConfigDict refuses fields it does not have
+    assert "allow_config_change" in common.NON_RESULT_FIELDS
+
+
 def test_checkpoint_past_the_requested_epochs_is_refused(tmp_path):
     workdir = common.open_workdir(config(), tmp_path)
     train(workdir, epochs=3)

@@ -8,6 +8,9 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
+    # True: reuse a workdir made by another config (its checkpoints as they are), see
+    # experiments/common.py; --config.allow_config_change=True on the command line.
+    config.allow_config_change = False
     # Data: qjax.data loaders. data_dir "" searches $QJAX_DATA_DIR, ../shared/data, TFDS.
     config.dataset = "mnist"
     config.data_dir = ""

@@ -25,6 +25,9 @@ NUM_PARAMS = 2_089_728
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
+    # True: reuse a workdir made by another config (its checkpoints as they are), see
+    # experiments/common.py; --config.allow_config_change=True on the command line.
+    config.allow_config_change = False
     config.dataset = "ptb"
     config.text_file = ""  # chars only
     config.data_dir = ""  # empty: $QJAX_DATA_DIR, ../shared/data

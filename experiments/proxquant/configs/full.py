@@ -42,6 +42,9 @@ def rescaled_reg(config: ml_collections.ConfigDict, kind: str) -> float:
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
+    # True: reuse a workdir made by another config (its checkpoints as they are), see
+    # experiments/common.py; --config.allow_config_change=True on the command line.
+    config.allow_config_change = False
     config.dataset = "cifar10"
     config.data_dir = ""  # empty: $QJAX_DATA_DIR, ../shared/data, then TFDS
     config.train_size = 50_000

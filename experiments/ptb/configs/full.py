@@ -15,6 +15,9 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
+    # True: reuse a workdir made by another config (its checkpoints as they are), see
+    # experiments/common.py; --config.allow_config_change=True on the command line.
+    config.allow_config_change = False
     config.dataset = "ptb"
     config.data_dir = ""  # empty: $QJAX_DATA_DIR, ../shared/data
     config.train_tokens = 0  # 0: the whole training split
