@@ -291,7 +291,7 @@ def _in_one_pass(
         logging.warning("%d of %d layers reported progress", len(finished), todo)
         times = np.full(todo, (time.perf_counter() - start) / max(todo, 1))
 
-    reports, done = [], 0
+    reports, done, sizes = [], 0, {}
     for layer, index in units:
         name = layer.path + (f"[{', '.join(map(str, index))}]" if index else "")
         kernel = adapter.kernel(adapter.state, layer)
@@ -300,8 +300,11 @@ def _in_one_pass(
         if step is None:
             reports.append(LayerReport(name, layer.type_name, "skip", shape, None, None, None, 0))
             continue
-        matrix = jax.ShapeDtypeStruct(shape, kernel.dtype)
-        alphabet = jax.eval_shape(step.alphabet, matrix)
+        key = (step, shape, kernel.dtype)
+        if key not in sizes:  # the alphabet's size, without computing it
+            sizes[key] = jax.eval_shape(
+                step.alphabet, jax.ShapeDtypeStruct(shape, kernel.dtype)
+            ).size
         error, msq_error = map(float, errors[layer.path][index])
         reports.append(
             LayerReport(
@@ -309,7 +312,7 @@ def _in_one_pass(
                 step.kind.name,
                 step.spec.quantizer.name,
                 shape,
-                alphabet.size,
+                sizes[key],
                 error,
                 msq_error,
                 float(times[done]),
@@ -322,7 +325,7 @@ def _in_one_pass(
             step.spec.quantizer.name,
             error,
             msq_error,
-            alphabet.size,
+            sizes[key],
         )
     return state, reports
 
