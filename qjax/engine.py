@@ -261,6 +261,8 @@ def _in_one_pass(
     units: Sequence[tuple[Layer, tuple[int, ...]]],
     table: Rules,
     batch: jax.Array,
+    *,
+    sequential: bool,
     progress: bool,
 ) -> tuple[Any, list[LayerReport]]:
     """`quantize_model` as one paired forward pass over all calibration examples at once."""
@@ -280,7 +282,7 @@ def _in_one_pass(
     start = time.perf_counter()
     PairedPass.listener = layer_done
     try:
-        state, errors = adapter.paired_pass(list(found), steps, batch)
+        state, errors = adapter.paired_pass(list(found), steps, batch, sequential=sequential)
         jax.effects_barrier()
     finally:
         PairedPass.listener = None
@@ -339,6 +341,7 @@ def quantize_model(
     apply_kwargs: Mapping[str, Any] | None = None,
     mesh: Mesh | None = None,
     one_pass: bool | None = None,
+    sequential: bool = True,
     progress: bool = True,
 ) -> tuple[Any, list[LayerReport]]:
     """Quantizes every Dense, DenseGeneral, Einsum and Conv kernel of a Flax model, in call order.
@@ -380,6 +383,10 @@ def quantize_model(
         None (default): one pass when the calibration is an array or a list of batches and no
         mesh is given; layer by layer for a function of batches (streamed data) or a mesh.
         Both give the same codes up to the rounding of the statistics' sums.
+      sequential: True (the GPFQ paper's order): layer l sees X~ from the model whose layers
+        before it are quantized. False: every layer is quantized from the float model's inputs
+        (X~ = X; no correction of the earlier layers' errors), as qwix's GPTQ and many GPTQ
+        codes do: one float forward pass, a third of the statistics.
       progress: show a progress bar over layers.
 
     Returns:
@@ -415,7 +422,9 @@ def quantize_model(
         if mesh is not None:
             raise ValueError("one_pass=True runs on one device: give mesh= with one_pass=False")
         batch = jnp.concatenate([_checked(b, first.shape) for b in batches()])
-        state, reports = _in_one_pass(adapter, found, units, table, batch, progress)
+        state, reports = _in_one_pass(
+            adapter, found, units, table, batch, sequential=sequential, progress=progress
+        )
         return adapter.result(state), reports
 
     float_state = adapter.state
@@ -443,7 +452,7 @@ def quantize_model(
         for batch in batches():
             batch = _checked(batch, first.shape)
             x = adapter.inputs(float_state, layer, index, batch)
-            x_tilde = adapter.inputs(current, layer, index, batch)
+            x_tilde = adapter.inputs(current, layer, index, batch) if sequential else x
             if mesh is None:
                 stats = _add_rows(kind, stats, x, x_tilde)
             else:  # this process's rows, split over the mesh's devices

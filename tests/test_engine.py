@@ -357,3 +357,24 @@ def test_convolution_rows_are_summed_in_chunks(monkeypatch):
         )
         for name, value in _codes(one).items():
             np.testing.assert_allclose(value, _codes(by_layer)[name], atol=1e-6, err_msg=name)
+
+
+def test_not_sequential_quantizes_every_layer_from_float_inputs(lm):
+    """sequential=False: X~ = X for every layer (one float pass). The layers before which
+    nothing is quantized get the sequential codes; the later ones differ; both schedules agree."""
+    model, variables, module, calibration = lm
+    spec = LayerSpec(method="gpfq", bits=3)
+    for args in ((model, variables, calibration), (module, calibration)):
+        one, reports = qjax.quantize_model(*args, spec=spec, sequential=False, progress=False)
+        by_layer, _ = qjax.quantize_model(
+            *args, spec=spec, sequential=False, one_pass=False, progress=False
+        )
+        sequential, seq_reports = qjax.quantize_model(*args, spec=spec, progress=False)
+        one, by_layer, sequential = _codes(one), _codes(by_layer), _codes(sequential)
+        for name, value in one.items():
+            np.testing.assert_array_equal(value, by_layer[name], err_msg=name)
+        for name in ("query", "key", "value"):  # slice 0 sees only the float embedding
+            kernel = f"blocks/{name}/kernel"
+            np.testing.assert_array_equal(one[kernel][0], sequential[kernel][0])
+        assert np.any(one["blocks/fc2/kernel"][2] != sequential["blocks/fc2/kernel"][2])
+        assert reports[0].relative_error == pytest.approx(seq_reports[0].relative_error)

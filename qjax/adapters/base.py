@@ -17,7 +17,8 @@ Two ways to drive a model, both given by every adapter:
   At each layer call, `paired_kernel` gathers the layer's input of both members (X, X~), lets
   the engine's quantizer turn them and the kernel into Q, and hands member 0 the float kernel and
   member 1 the quantized one; the layers after it then see X~ computed with Q. The vmap keeps the
-  two members apart whatever the model does across its batch axis.
+  two members apart whatever the model does across its batch axis. Not sequential (X~ = X: every
+  layer quantized from the float model's inputs), the pass is one plain float forward pass.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ __all__ = [
     "PairedPass",
     "StackedInputs",
     "paired_kernel",
+    "run_paired",
 ]
 
 PAIR_AXIS = "qjax_pair"
@@ -120,10 +122,15 @@ class Adapter(abc.ABC):
 
     @abc.abstractmethod
     def paired_pass(
-        self, layers: list[Layer], quantizers: Mapping[str, LayerQuantizer], batch: Any
+        self,
+        layers: list[Layer],
+        quantizers: Mapping[str, LayerQuantizer],
+        batch: Any,
+        *,
+        sequential: bool,
     ) -> tuple[Any, dict[str, np.ndarray]]:
-        """One forward pass on `batch` quantizing, in call order, every layer of `quantizers`
-        (by path) with `paired_kernel`.
+        """One forward pass on `batch` (`run_paired`) quantizing, in call order, every layer of
+        `quantizers` (by path) with `paired_kernel`.
 
         Returns:
           (the float state with those layers' kernels quantized, {path: errors of shape
@@ -180,21 +187,41 @@ class PairedPass:
 
 
 def paired_kernel(
-    kernel: jax.Array, x: jax.Array, quantizer: LayerQuantizer
-) -> tuple[jax.Array, jax.Array]:
-    """Inside a paired pass (under `jax.vmap(..., axis_name=PAIR_AXIS)`): the kernel this member
-    uses at one layer call, and the layer's errors.
+    kernel: jax.Array, x: jax.Array, quantizer: LayerQuantizer, *, sequential: bool
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Inside `run_paired`, at one layer call: the kernel this member computes with, Q, and the
+    layer's errors.
 
     Args:
-      kernel: the layer's float kernel (the slice, under scan), the same in both members.
-      x: this member's input of the layer: X in member 0 (float), X~ in member 1.
+      kernel: the layer's float kernel W (the slice, under scan), the same in both members.
+      x: this member's input of the layer: X in member 0 (float), X~ in member 1; not
+        sequential, the float model's input X (then X~ = X).
       quantizer: the engine's step for this layer.
+      sequential: as in `run_paired`.
 
     Returns:
-      (W in member 0 and Q in member 1, the errors (2,)).
+      (W in member 0 and Q in member 1, or W when not sequential; Q; the errors (2,)).
     """
-    both = jax.lax.all_gather(x, PAIR_AXIS)  # one value, not per member: quantized once
-    q, errors = quantizer(kernel, both[0], both[1])
+    if sequential:
+        both = jax.lax.all_gather(x, PAIR_AXIS)  # one value, not per member: quantized once
+        q, errors = quantizer(kernel, both[0], both[1])
+        member = jax.lax.axis_index(PAIR_AXIS)
+        used = jnp.where(member == 0, kernel, q.astype(kernel.dtype))
+    else:
+        q, errors = quantizer(kernel, x, x)
+        used = kernel
     jax.debug.callback(PairedPass._layer_done, errors)
-    member = jax.lax.axis_index(PAIR_AXIS)
-    return jnp.where(member == 0, kernel, q.astype(kernel.dtype)), errors
+    return used, q.astype(kernel.dtype), errors
+
+
+def run_paired(member: Callable[[Any], Any], state: Any, *, sequential: bool) -> Any:
+    """Runs `member(state)`, a forward pass whose layer calls use `paired_kernel`.
+
+    Sequential: twice side by side, `jax.vmap` over a pair axis named `PAIR_AXIS` (member 0 the
+    float model, member 1 the model being quantized); returns member 1's outputs. Otherwise
+    once, the float model.
+    """
+    if not sequential:
+        return member(state)
+    out = jax.vmap(member, in_axes=None, axis_name=PAIR_AXIS, axis_size=2)(state)
+    return jax.tree.map(lambda leaf: leaf[1], out)

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from qjax import layers as kinds
-from qjax.adapters.base import PAIR_AXIS, Adapter, Layer, StackedInputs, paired_kernel
+from qjax.adapters.base import Adapter, Layer, StackedInputs, paired_kernel, run_paired
 from qjax.patches import ConvGeometry
 
 __all__ = ["LinenAdapter"]
@@ -137,11 +137,12 @@ class LinenAdapter(Adapter):
         run = lambda: _stacked_pass(self.model, path, self.apply_kwargs, state, batch)
         return jax.numpy.asarray(StackedInputs.collect(run, flat))
 
-    def paired_pass(self, layers, quantizers, batch):
+    def paired_pass(self, layers, quantizers, batch, *, sequential):
         out = _paired_pass(
             self.model,
             tuple((self._keys[path], q) for path, q in quantizers.items()),
             self.apply_kwargs,
+            sequential,
             self._variables,
             batch,
         )
@@ -149,8 +150,8 @@ class LinenAdapter(Adapter):
         for layer in layers:
             if layer.path in quantizers:
                 kernel, error = out[self._keys[layer.path]]
-                current = self.with_kernel(current, layer, kernel[1])
-                errors[layer.path] = np.asarray(error[1])
+                current = self.with_kernel(current, layer, kernel)
+                errors[layer.path] = np.asarray(error)
         return current, errors
 
     def result(self, state):
@@ -190,15 +191,15 @@ def _stacked_pass(model, path, apply_kwargs, variables, batch):
         model.apply(variables, batch, **dict(apply_kwargs))
 
 
-_ERRORS_NAME = "_qjax_errors"  # a layer's errors in a paired pass, stacked like its kernel
+# What a paired pass leaves on a layer, beside its kernel (stacked like it under nn.scan).
+_Q_NAME, _ERRORS_NAME = "_qjax_q", "_qjax_errors"
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _paired_pass(model, quantizers, apply_kwargs, variables, batch):
-    """`LinenAdapter.paired_pass` as one compiled program: {module path: (kernel, errors)}, each
-    with a leading pair axis (index 1: the quantized member). The kernels are swapped in with
-    `put_variable`, so the "params" collection is mutable during the pass (also under `nn.scan`,
-    whose variable axes then stack the new kernels and errors)."""
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _paired_pass(model, quantizers, apply_kwargs, sequential, variables, batch):
+    """`LinenAdapter.paired_pass` as one compiled program: {module path: (Q, errors)}. The
+    kernels are swapped in with `put_variable`, so the "params" collection is mutable during the
+    pass (also under `nn.scan`, whose variable axes then stack Q and the errors)."""
     by_path = dict(quantizers)
 
     def swap(next_fun, args, kwargs, context):
@@ -206,8 +207,9 @@ def _paired_pass(model, quantizers, apply_kwargs, variables, batch):
         quantizer = by_path.get(tuple(module.path)) if context.method_name == "__call__" else None
         if quantizer is not None:
             kernel = module.get_variable("params", "kernel")
-            kernel, errors = paired_kernel(kernel, args[0], quantizer)
+            kernel, q, errors = paired_kernel(kernel, args[0], quantizer, sequential=sequential)
             module.put_variable("params", "kernel", kernel)
+            module.put_variable("params", _Q_NAME, q)
             module.put_variable("params", _ERRORS_NAME, errors)
         return next_fun(*args, **kwargs)
 
@@ -219,7 +221,7 @@ def _paired_pass(model, quantizers, apply_kwargs, variables, batch):
             node = mutated["params"]
             for key in path:
                 node = node[key]
-            out[path] = (node["kernel"], node[_ERRORS_NAME])
+            out[path] = (node[_Q_NAME], node[_ERRORS_NAME])
         return out
 
-    return jax.vmap(member, in_axes=None, axis_name=PAIR_AXIS, axis_size=2)(variables)
+    return run_paired(member, variables, sequential=sequential)

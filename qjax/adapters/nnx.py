@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from qjax import layers as kinds
-from qjax.adapters.base import PAIR_AXIS, Adapter, Layer, StackedInputs, paired_kernel
+from qjax.adapters.base import Adapter, Layer, StackedInputs, paired_kernel, run_paired
 from qjax.patches import ConvGeometry
 from qjax.rules import path_name
 
@@ -101,10 +101,12 @@ def _set_value(variable, value) -> None:
         variable.value = value
 
 
-class _Errors(nnx.Variable):
-    """A layer's errors in a paired pass (relative error, MSQ's), with the kernel's stack axes."""
+class _PassOutput(nnx.Variable):
+    """What a paired pass leaves on a layer: Q (the kernel's shape), or its errors (relative
+    error, MSQ's, with the kernel's stack axes)."""
 
 
+_Q_ATTRIBUTE = "_qjax_q"
 _ERRORS_ATTRIBUTE = "_qjax_errors"
 
 
@@ -205,24 +207,26 @@ class NNXAdapter(Adapter):
 
         return jax.numpy.asarray(StackedInputs.collect(run, flat))
 
-    def paired_pass(self, layers, quantizers, batch):
+    def paired_pass(self, layers, quantizers, batch, *, sequential):
         stacks = {layer.path: layer.stack_shape for layer in layers}
         module = nnx.merge(self.graphdef, self._state)
-        for path in quantizers:  # a slot for each layer's errors, scanned like its kernel
-            slot = _Errors(jnp.zeros((*stacks[path], 2)))
-            setattr(_submodule(module, self._paths[path]), _ERRORS_ATTRIBUTE, slot)
+        for path in quantizers:  # slots for each layer's Q and errors, scanned like its kernel
+            layer = _submodule(module, self._paths[path])
+            setattr(layer, _Q_ATTRIBUTE, _PassOutput(jnp.zeros_like(_value(layer.kernel))))
+            setattr(layer, _ERRORS_ATTRIBUTE, _PassOutput(jnp.zeros((*stacks[path], 2))))
         graphdef, state = nnx.split(module)
         out = _paired_pass(
             graphdef,
             tuple((path, self._paths[path], q) for path, q in quantizers.items()),
             self.call_kwargs,
+            sequential,
             state,
             batch,
         )
         current, errors = self._state, {}
         for path, (kernel, error) in out.items():
-            current = self.with_kernel(current, Layer(path, None, ""), kernel[1])
-            errors[path] = np.asarray(error[1])
+            current = self.with_kernel(current, Layer(path, None, ""), kernel)
+            errors[path] = np.asarray(error)
         return current, errors
 
     def result(self, state) -> nnx.Module:
@@ -269,17 +273,19 @@ def _stacked_pass(graphdef, path, call_kwargs, state, batch):
     _Target.path = None
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _paired_pass(graphdef, quantizers, call_kwargs, state, batch):
-    """`NNXAdapter.paired_pass` as one compiled program: {path: (kernel, errors)}, each with a
-    leading pair axis (index 1: the quantized member)."""
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _paired_pass(graphdef, quantizers, call_kwargs, sequential, state, batch):
+    """`NNXAdapter.paired_pass` as one compiled program: {path: (Q, errors)}."""
     by_path = {path: quantizer for path, _, quantizer in quantizers}
 
     def hook(module, args, kwargs):
         quantizer = by_path.get(getattr(module, _PATH_ATTRIBUTE, None))
         if quantizer is not None:
-            kernel, errors = paired_kernel(_value(module.kernel), args[0], quantizer)
+            kernel, q, errors = paired_kernel(
+                _value(module.kernel), args[0], quantizer, sequential=sequential
+            )
             _set_value(module.kernel, kernel)
+            _set_value(getattr(module, _Q_ATTRIBUTE), q)
             _set_value(getattr(module, _ERRORS_ATTRIBUTE), errors)
 
     def member(state):
@@ -289,7 +295,10 @@ def _paired_pass(graphdef, quantizers, call_kwargs, state, batch):
         out = {}
         for path, keys, _ in quantizers:
             layer = _submodule(module, keys)
-            out[path] = (_value(layer.kernel), _value(getattr(layer, _ERRORS_ATTRIBUTE)))
+            out[path] = (
+                _value(getattr(layer, _Q_ATTRIBUTE)),
+                _value(getattr(layer, _ERRORS_ATTRIBUTE)),
+            )
         return out
 
-    return jax.vmap(member, in_axes=None, axis_name=PAIR_AXIS, axis_size=2)(state)
+    return run_paired(member, state, sequential=sequential)
