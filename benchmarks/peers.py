@@ -7,8 +7,10 @@ split go through
   round-to-nearest (`qwix.PtqProvider` + `qwix.quantize_params`), both `int<bits>` per channel
   (absmax); QEP (`qwix.contrib.qep`) is attempted and reported as not run where qwix refuses
   the model (in qwix 0.1.8 it takes Linen models only; TransformerLM is NNX);
-* qjax: GPFQ and GPTQ (`qjax.quantize_model`), per channel, absmax scales (C = 1, rule "max",
-  the scale qwix uses) with 2^bits letters;
+* qjax: GPFQ and GPTQ (`qjax.quantize_model`, one pass), per channel, absmax scales (C = 1,
+  rule "max", the scale qwix uses) with 2^bits letters, sequential (each layer sees X~, its
+  input in the partly quantized model: the "inputs" column says X~), and GPTQ also from the
+  float model's inputs (`sequential=False`, inputs X), the setting of qwix's GPTQ;
 
 quantizing every attention and MLP kernel of the blocks (embeddings and the tied head float).
 Each is run twice in this process: cold (the first call, compilation included) and warm (the
@@ -72,11 +74,15 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return out, time.perf_counter() - start
 
 
-def qjax_quantizer(method: str, bits: int) -> Callable[[nnx.Module, list], nnx.Module]:
+def qjax_quantizer(
+    method: str, bits: int, *, sequential: bool
+) -> Callable[[nnx.Module, list], nnx.Module]:
     spec = qjax.LayerSpec(method=method, bits=bits, c=1.0, rule="max")
 
     def quantize(model, batches):
-        quantized, _ = qjax.quantize_model(model, batches, spec=spec, progress=False)
+        quantized, _ = qjax.quantize_model(
+            model, batches, spec=spec, sequential=sequential, progress=False
+        )
         return quantized
 
     return quantize
@@ -115,14 +121,18 @@ def qwix_quantizer(method: str, bits: int) -> Callable[[nnx.Module, list], nnx.M
 def measure(
     library: str,
     method: str,
+    inputs: str,
     bits: int,
     quantize: Callable[[nnx.Module, list], nnx.Module],
     model: TransformerLM,
     batches: list,
     test_perplexity: Callable[[nnx.Module], float],
 ) -> dict[str, Any]:
-    """Cold and warm time of one quantizer and its model's test perplexity (or why it failed)."""
-    row = {"library": library, "method": method, "bits": bits}
+    """Cold and warm time of one quantizer and its model's test perplexity (or why it failed).
+
+    `inputs` is what each layer is quantized from: "X~" (the partly quantized model's inputs,
+    layer after layer), "X" (the float model's), "–" (nothing: round to nearest)."""
+    row = {"library": library, "method": method, "inputs": inputs, "bits": bits}
     try:
         _, row["cold_seconds"] = timed(lambda: nnx.state(quantize(model, batches)))
         quantized, row["warm_seconds"] = timed(lambda: quantize(model, batches))
@@ -133,12 +143,19 @@ def measure(
     return row
 
 
+HEADER = (
+    "| bits | library | method | inputs | cold (s) | warm (s) | test perplexity |\n"
+    "|---|---|---|---|---|---|---|"
+)
+
+
 def row_markdown(row: dict[str, Any]) -> str:
+    head = f"| {row['bits']} | {row['library']} | {row['method']} | {row['inputs']} |"
     if "error" in row:
-        return f"| {row['bits']} | {row['library']} | {row['method']} | – | – | {row['error']} |"
+        return f"{head} – | – | {row['error']} |"
     return (
-        f"| {row['bits']} | {row['library']} | {row['method']} | {row['cold_seconds']:.2f} "
-        f"| {row['warm_seconds']:.2f} | {row['test_perplexity']:.2f} |"
+        f"{head} {row['cold_seconds']:.2f} | {row['warm_seconds']:.2f} "
+        f"| {row['test_perplexity']:.2f} |"
     )
 
 
@@ -146,18 +163,16 @@ def ratios(rows: list[dict[str, Any]]) -> list[str]:
     """qjax time / qwix time for each qjax method against qwix GPTQ, cold and warm, per bits."""
     lines = []
     for bits in dict.fromkeys(r["bits"] for r in rows):
-        at = {
-            (r["library"], r["method"]): r for r in rows if r["bits"] == bits and "error" not in r
-        }
-        peer = at.get(("qwix", "gptq"))
+        ok = [r for r in rows if r["bits"] == bits and "error" not in r]
+        peer = next((r for r in ok if (r["library"], r["method"]) == ("qwix", "gptq")), None)
         if peer is None:
             lines.append(f"{bits}-bit: qwix GPTQ did not run, no ratio")
             continue
-        for method in ("gpfq", "gptq"):
-            mine = at.get(("qjax", method))
-            if mine is not None:
+        for mine in ok:
+            if mine["library"] == "qjax":
                 lines.append(
-                    f"{bits}-bit qjax {method.upper()} / qwix GPTQ: warm "
+                    f"{bits}-bit qjax {mine['method'].upper()} (inputs {mine['inputs']}) / qwix "
+                    "GPTQ: warm "
                     f"{mine['warm_seconds'] / peer['warm_seconds']:.3f} "
                     f"(×{peer['warm_seconds'] / mine['warm_seconds']:.1f} faster), cold "
                     f"{mine['cold_seconds'] / peer['cold_seconds']:.3f} "
@@ -195,22 +210,16 @@ def main(argv):
             f"{config.ptq.calibration_sequences} × {config.seq_len} training tokens; float test "
             f"perplexity {test(model):.2f}\n"
         )
-        print("| bits | library | method | cold (s) | warm (s) | test perplexity |")
-        print("|---|---|---|---|---|---|")
+        print(HEADER)
         rows = []
         for bits in map(int, FLAGS.bits):
-            for method in ("gpfq", "gptq"):
-                rows.append(
-                    measure(
-                        "qjax", method, bits, qjax_quantizer(method, bits), model, batches, test
-                    )
-                )
-            for method in ("gptq", "rtn", "qep"):
-                rows.append(
-                    measure(
-                        "qwix", method, bits, qwix_quantizer(method, bits), model, batches, test
-                    )
-                )
+            for method, sequential in (("gpfq", True), ("gptq", True), ("gptq", False)):
+                quantize = qjax_quantizer(method, bits, sequential=sequential)
+                inputs = "X~" if sequential else "X"
+                rows.append(measure("qjax", method, inputs, bits, quantize, model, batches, test))
+            for method, inputs in (("gptq", "X"), ("rtn", "–"), ("qep", "X~")):
+                quantize = qwix_quantizer(method, bits)
+                rows.append(measure("qwix", method, inputs, bits, quantize, model, batches, test))
     print()
     print("\n".join(ratios(rows)))
     if FLAGS.out:
