@@ -211,9 +211,9 @@ class NNXAdapter(Adapter):
         stacks = {layer.path: layer.stack_shape for layer in layers}
         module = nnx.merge(self.graphdef, self._state)
         for path in quantizers:  # slots for each layer's Q and errors, scanned like its kernel
-            layer = _submodule(module, self._paths[path])
-            setattr(layer, _Q_ATTRIBUTE, _PassOutput(jnp.zeros_like(_value(layer.kernel))))
-            setattr(layer, _ERRORS_ATTRIBUTE, _PassOutput(jnp.zeros((*stacks[path], 2))))
+            owner = _submodule(module, self._paths[path])
+            setattr(owner, _Q_ATTRIBUTE, _PassOutput(jnp.zeros_like(_value(owner.kernel))))
+            setattr(owner, _ERRORS_ATTRIBUTE, _PassOutput(jnp.zeros((*stacks[path], 2))))
         graphdef, state = nnx.split(module)
         out = _paired_pass(
             graphdef,
@@ -294,10 +294,10 @@ def _paired_pass(graphdef, quantizers, call_kwargs, sequential, state, batch):
             module(batch, **dict(call_kwargs))
         out = {}
         for path, keys, _ in quantizers:
-            layer = _submodule(module, keys)
+            owner = _submodule(module, keys)
             out[path] = (
-                _value(getattr(layer, _Q_ATTRIBUTE)),
-                _value(getattr(layer, _ERRORS_ATTRIBUTE)),
+                _value(getattr(owner, _Q_ATTRIBUTE)),
+                _value(getattr(owner, _ERRORS_ATTRIBUTE)),
             )
         return out
 
