@@ -378,3 +378,32 @@ def test_not_sequential_quantizes_every_layer_from_float_inputs(lm):
             np.testing.assert_array_equal(one[kernel][0], sequential[kernel][0])
         assert np.any(one["blocks/fc2/kernel"][2] != sequential["blocks/fc2/kernel"][2])
         assert reports[0].relative_error == pytest.approx(seq_reports[0].relative_error)
+
+
+def test_apply_kwargs_with_lists_and_mutable_collections():
+    """Forward-pass keyword arguments key the compiled programs: lists are accepted (as tuples),
+    a caller's `mutable` joins the pass's own; an unhashable value is named."""
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+            x = nn.BatchNorm(use_running_average=not train)(nn.Dense(16)(x))
+            return nn.Dense(4)(nn.relu(x))
+
+    model = Net()
+    x = jax.random.normal(jax.random.key(0), (32, 8))
+    variables = model.init(jax.random.key(1), x)
+    expected, _ = qjax.quantize_model(model, variables, x, apply_kwargs={"train": False})
+    for one_pass in (True, False):
+        got, _ = qjax.quantize_model(
+            model,
+            variables,
+            x,
+            apply_kwargs={"train": False, "mutable": ["batch_stats"]},
+            one_pass=one_pass,
+            progress=False,
+        )
+        for name, value in _codes(got).items():
+            np.testing.assert_array_equal(value, _codes(expected)[name], err_msg=name)
+    with pytest.raises(ValueError, match=r"apply_kwargs\['scale'\] .* is not hashable"):
+        qjax.quantize_model(model, variables, x, apply_kwargs={"scale": jnp.ones(3)})

@@ -43,6 +43,7 @@ __all__ = [
     "LayerQuantizer",
     "PairedPass",
     "StackedInputs",
+    "frozen_kwargs",
     "paired_kernel",
     "run_paired",
 ]
@@ -92,6 +93,27 @@ class Layer:
         if not stack and calls > 1:
             problem = "is called more than once (shared layers are not supported)"
         return cls(path, None if isinstance(kind, str) else kind, type_name, stack, problem)
+
+
+def frozen_kwargs(kwargs: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...]:
+    """Keyword arguments of the forward pass as a hashable key of compiled programs (lists
+    become tuples); `dict(...)` of it gives them back.
+
+    Raises:
+      ValueError: a value that cannot be hashed (an array, a dict), named.
+    """
+    items = []
+    for key, value in sorted(dict(kwargs or {}).items()):
+        value = tuple(value) if isinstance(value, list) else value
+        try:
+            hash(value)
+        except TypeError as error:
+            raise ValueError(
+                f"apply_kwargs[{key!r}] = {value!r} is not hashable: pass numbers, strings, "
+                "booleans or tuples (arrays belong in the calibration batches)"
+            ) from error
+        items.append((key, value))
+    return tuple(items)
 
 
 class Adapter(abc.ABC):

@@ -17,7 +17,14 @@ import jax
 import numpy as np
 
 from qjax import layers as kinds
-from qjax.adapters.base import Adapter, Layer, StackedInputs, paired_kernel, run_paired
+from qjax.adapters.base import (
+    Adapter,
+    Layer,
+    StackedInputs,
+    frozen_kwargs,
+    paired_kernel,
+    run_paired,
+)
 from qjax.patches import ConvGeometry
 
 __all__ = ["LinenAdapter"]
@@ -58,7 +65,7 @@ class LinenAdapter(Adapter):
             raise ValueError(f"variables must have a 'params' collection, got {keys}")
         self.model = model
         self._variables = variables
-        self.apply_kwargs = tuple(sorted(dict(apply_kwargs or {}).items()))
+        self.apply_kwargs = frozen_kwargs(apply_kwargs)
         self._keys: dict[str, tuple[str, ...]] = {}
 
     @property
@@ -213,9 +220,14 @@ def _paired_pass(model, quantizers, apply_kwargs, sequential, variables, batch):
             module.put_variable("params", _ERRORS_NAME, errors)
         return next_fun(*args, **kwargs)
 
+    kwargs = dict(apply_kwargs)
+    mutable = kwargs.pop("mutable", False)  # the caller's mutable collections, and "params"
+    if mutable is not True:
+        mutable = ["params", *([mutable] if isinstance(mutable, str) else (mutable or []))]
+
     def member(variables):
         with nn.intercept_methods(swap):
-            _, mutated = model.apply(variables, batch, mutable=["params"], **dict(apply_kwargs))
+            _, mutated = model.apply(variables, batch, mutable=mutable, **kwargs)
         out = {}
         for path, _ in quantizers:
             node = mutated["params"]

@@ -23,7 +23,14 @@ import numpy as np
 from flax import nnx
 
 from qjax import layers as kinds
-from qjax.adapters.base import Adapter, Layer, StackedInputs, paired_kernel, run_paired
+from qjax.adapters.base import (
+    Adapter,
+    Layer,
+    StackedInputs,
+    frozen_kwargs,
+    paired_kernel,
+    run_paired,
+)
 from qjax.patches import ConvGeometry
 from qjax.rules import path_name
 
@@ -131,7 +138,7 @@ class NNXAdapter(Adapter):
                 object.__setattr__(sub, _PATH_ATTRIBUTE, name)
                 self._paths[name] = tuple(keypath)
         self.graphdef, self._state = nnx.split(copy)
-        self.call_kwargs = tuple(sorted(dict(call_kwargs or {}).items()))
+        self.call_kwargs = frozen_kwargs(call_kwargs)
 
     @property
     def state(self):
