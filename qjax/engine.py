@@ -209,19 +209,38 @@ class _LayerStep:
         """The layer's alphabet for this kernel (slice)."""
         return self.spec.make_alphabet(self.kind.to_matrix(kernel))
 
-    def __call__(self, kernel: jax.Array, x: jax.Array, x_tilde: jax.Array):
-        matrix = self.kind.to_matrix(kernel)
-        stats = gram_stats_init(
+    def init_stats(self, matrix: jax.Array, *, mesh: Mesh | None = None) -> GramStats:
+        """Empty statistics for the neurons of `matrix` (the kernel in `kind.to_matrix` form)."""
+        return gram_stats_init(
             matrix.shape[-2],
             batch_shape=matrix.shape[:-2],
             track_error=True,
             dtype=jnp.result_type(matrix.dtype, jnp.float32),
+            mesh=mesh,
         )
-        stats = self._accumulate(stats, x, x_tilde)
-        method = self.spec.quantizer
+
+    def quantize(
+        self,
+        matrix: jax.Array,
+        stats: GramStats,
+        *,
+        gather: Callable[[jax.Array], jax.Array] | None = None,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(Q, the alphabet, `_errors`) of the layer's matrix from its statistics.
+
+        `gather`, if given, brings a Q split over a mesh onto this process before the errors.
+        """
         alphabet = self.spec.make_alphabet(matrix)
-        q = method.quantize(matrix, stats, alphabet)
-        return self.kind.from_matrix(q), _errors(method, matrix, q, stats, alphabet)
+        q = self.spec.quantizer.quantize(matrix, stats, alphabet)
+        if gather is not None:
+            q = gather(q)
+        return q, alphabet, _errors(self.spec.quantizer, matrix, q, stats, alphabet)
+
+    def __call__(self, kernel: jax.Array, x: jax.Array, x_tilde: jax.Array):
+        matrix = self.kind.to_matrix(kernel)
+        stats = self._accumulate(self.init_stats(matrix), x, x_tilde)
+        q, _, errors = self.quantize(matrix, stats)
+        return self.kind.from_matrix(q), errors
 
     def _accumulate(self, stats: GramStats, x: jax.Array, x_tilde: jax.Array) -> GramStats:
         if not isinstance(self.kind, Conv | ConvByChannel):
@@ -242,6 +261,11 @@ class _LayerStep:
             return accumulate(stats, self.kind.rows(pair[0]), self.kind.rows(pair[1])), None
 
         return jax.lax.scan(add, stats, (chunked(x), chunked(x_tilde)))[0]
+
+
+def _gathered(q: jax.Array) -> jax.Array:
+    """A Q split over a mesh (and over processes), whole on this process."""
+    return jnp.asarray(multihost_utils.process_allgather(q, tiled=True))
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -439,16 +463,10 @@ def quantize_model(
             reports.append(LayerReport(name, layer.type_name, "skip", shape, None, None, None, 0))
             continue
         start = time.perf_counter()
-        method = layer_spec.quantizer
-        kind = layer_spec.layer_kind(layer.kind)
+        step = _LayerStep(layer_spec, layer_spec.layer_kind(layer.kind))
+        method, kind = step.spec.quantizer, step.kind
         matrix = kind.to_matrix(kernel[index])
-        stats = gram_stats_init(
-            matrix.shape[-2],
-            batch_shape=matrix.shape[:-2],
-            track_error=True,
-            dtype=jnp.result_type(matrix.dtype, jnp.float32),
-            mesh=mesh,
-        )
+        stats = step.init_stats(matrix, mesh=mesh)
         for batch in batches():
             batch = _checked(batch, first.shape)
             x = adapter.inputs(float_state, layer, index, batch)
@@ -457,11 +475,11 @@ def quantize_model(
                 stats = _add_rows(kind, stats, x, x_tilde)
             else:  # this process's rows, split over the mesh's devices
                 stats = gram_stats_update(stats, _rows(kind, x), _rows(kind, x_tilde))
-        alphabet = layer_spec.make_alphabet(matrix)
-        q = method.quantize(matrix, stats, alphabet)
-        if mesh is not None:  # all of Q on this process, for the next forward passes
-            q = jnp.asarray(multihost_utils.process_allgather(q, tiled=True))
-        error, msq_error = map(float, _errors(method, matrix, q, stats, alphabet))
+        # With a mesh, all of Q on this process, for the next forward passes.
+        q, alphabet, errors = step.quantize(
+            matrix, stats, gather=_gathered if mesh is not None else None
+        )
+        error, msq_error = map(float, errors)
         new_kernel = kernel.at[index].set(kind.from_matrix(q).astype(kernel.dtype))
         current = adapter.with_kernel(current, layer, new_kernel)
         seconds = time.perf_counter() - start

@@ -7,14 +7,13 @@
 the choice of λ), all 10,000 test images, random crop (pad 4) and flip as in the paper. Float
 warm start: 10 epochs of SGD (Nesterov momentum 0.9, weight decay 5e-4) with a one-cycle
 learning rate peaking at 0.2, aiming at ≥ 85 % (the paper's 200-epoch warm start: 91.94 %).
-Then BinaryConnect and ProxQuant-binary, each 2 quantized epochs (Adam 0.01; BinaryConnect ×0.1
-at 40.5 % and 61 % of them) + 1 frozen epoch; add ProxQuant-ternary (about 16 more minutes) with
---config.methods='("binaryconnect", "proxquant_binary", "proxquant_ternary")'. λ_t grows per
+Then BinaryConnect, ProxQuant-binary and ProxQuant-ternary at equal budget, each 2 quantized
+epochs (Adam 0.01; BinaryConnect ×0.1 at 40.5 % and 61 % of them) + 1 frozen epoch. λ_t grows per
 step here (with two quantized epochs, the paper's per-epoch growth would leave the first epoch
 without any pull); λ is rescaled to the paper's total pull Σ_t η·λ_t (`full.rescaled_reg`):
 1.11 binary, 4.44 ternary.
 
-Estimated run time: 85 minutes on a quiet 2-core x86-64 CPU (docs/experiments.md: timed steps).
+Estimated run time: 100 minutes on a quiet 2-core x86-64 CPU (docs/experiments.md: timed steps).
 """
 
 from experiments.proxquant.configs import full
@@ -31,7 +30,7 @@ def get_config():
     config.warm.learning_rate = 0.2
     config.warm.nesterov = True
     config.warm.weight_decay = 5e-4
-    config.methods = ("binaryconnect", "proxquant_binary")
+    config.methods = ("binaryconnect", "proxquant_binary", "proxquant_ternary")
     config.quant.epochs = 2
     config.quant.freeze_epochs = 1
     config.quant.reg_growth = "step"
