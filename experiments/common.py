@@ -49,7 +49,7 @@ import platform
 import shlex
 import sys
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import flax.struct
@@ -339,8 +339,13 @@ def classifier_accuracy(
 # ------------------------------------------------------------------------------------------
 
 
-def _flat_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """'a.b' → value for every leaf field of the config, sequences as lists (JSON-comparable)."""
+def _flat_fields(
+    config: ml_collections.ConfigDict, *, ignore: Sequence[str] = ()
+) -> dict[str, Any]:
+    """'a.b' → value for every leaf field of the config, sequences as lists (JSON-comparable).
+
+    Fields named in `NON_RESULT_FIELDS` or `ignore` (by their last component) are left out.
+    """
 
     def flatten(prefix: str, value: Any) -> dict[str, Any]:
         if isinstance(value, Mapping):
@@ -353,12 +358,13 @@ def _flat_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
         return {prefix[:-1]: value}
 
     fields = flatten("", config.to_dict())
-    return {k: v for k, v in fields.items() if k.rsplit(".", 1)[-1] not in NON_RESULT_FIELDS}
+    left_out = (*NON_RESULT_FIELDS, *ignore)
+    return {k: v for k, v in fields.items() if k.rsplit(".", 1)[-1] not in left_out}
 
 
-def fingerprint(config: ml_collections.ConfigDict) -> str:
-    """sha256 of the config's result-changing fields (all but `NON_RESULT_FIELDS`)."""
-    text = json.dumps(_flat_fields(config), sort_keys=True, default=str)
+def fingerprint(config: ml_collections.ConfigDict, *, ignore: Sequence[str] = ()) -> str:
+    """sha256 of the config's result-changing fields (all but `NON_RESULT_FIELDS` and `ignore`)."""
+    text = json.dumps(_flat_fields(config, ignore=ignore), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

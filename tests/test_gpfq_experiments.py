@@ -59,6 +59,46 @@ def test_embedded_pipeline_end_to_end(tmp_path):
     assert again["float_accuracy"] == results["float_accuracy"]
 
 
+def test_sweep_keeps_each_model_and_computes_only_what_a_rerun_lacks(tmp_path, monkeypatch):
+    config = shrink(mnist_embedded.get_config("tiny"))
+    config.methods = ("gpfq", "msq")
+    config.c_values = (2.0,)
+    config.width_scales = ()
+    computed = []
+    quantize = pipeline.quantize_and_evaluate
+
+    def counting(*args, method, num_letters, c, **kwargs):
+        computed.append((method, num_letters, c))
+        if len(computed) == 2 and crash:
+            raise RuntimeError("killed")  # during the second model
+        return quantize(*args, method=method, num_letters=num_letters, c=c, **kwargs)
+
+    monkeypatch.setattr(pipeline, "quantize_and_evaluate", counting)
+    crash = True
+    with pytest.raises(RuntimeError, match="killed"):
+        pipeline.run(config, str(tmp_path))
+    crash = False
+    computed.clear()
+    first = pipeline.run(config, str(tmp_path))
+    assert computed == [("msq", 3, 2.0)]  # the GPFQ model of the killed run is read back
+    # A larger grid computes only its new models; the old rows come back unchanged.
+    config.allow_config_change = True
+    config.num_letters = (3, 4)
+    computed.clear()
+    larger = pipeline.run(config, str(tmp_path))
+    assert computed == [("gpfq", 4, 2.0), ("msq", 4, 2.0)]
+    old = {(r["method"], r["num_letters"]): r for r in first["sweep"]}
+    for row in larger["sweep"]:
+        if row["num_letters"] == 3:
+            assert row == old[row["method"], 3]
+    assert [r["level"] for r in larger["chosen_on_valid"]["gpfq"]] == ["ternary", "2-bit"]
+    # Any other change (here the calibration set) makes every model anew.
+    config.calibration_size = config.calibration_size // 2
+    computed.clear()
+    pipeline.run(config, str(tmp_path))
+    assert len(computed) == 4
+
+
 def test_cnn_pipeline_on_synthetic_cifar_files(tmp_path):
     rng = np.random.default_rng(0)
     data_dir = tmp_path / "data"

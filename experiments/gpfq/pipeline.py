@@ -10,6 +10,8 @@ separate, labelled column for comparison with the published numbers.
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Callable
 
@@ -104,16 +106,53 @@ def quantize_and_evaluate(
     }
 
 
-def sweep(trained, splits, calibration, config, *, methods, levels) -> list[dict]:
-    """Every (method, alphabet, C) of the grid."""
-    return [
-        quantize_and_evaluate(
-            trained, splits, calibration, config, method=method, num_letters=n, c=c
-        )
-        for method in methods
-        for n in levels
-        for c in config.c_values
-    ]
+# Config fields that only say which quantized models the sweep holds: a model kept in the
+# workdir stays valid when they change (a larger grid computes only the models it lacks).
+GRID_FIELDS = ("methods", "num_letters", "c_values", "width_scales", "width_num_letters")
+
+
+def sweep(
+    trained: train.TrainResult,
+    splits: train.Splits,
+    calibration: list,
+    config: ml_collections.ConfigDict,
+    *,
+    work: common.Workdir,
+    methods: tuple[str, ...],
+    levels: tuple[int, ...],
+    width_scale: float = 1.0,
+) -> list[dict]:
+    """Every (method, alphabet, C) of the grid, each model's row kept in workdir/sweep/.
+
+    A rerun (after a kill, or with more methods, alphabets or C values under
+    `config.allow_config_change`) reads the rows it has and computes only the others. A row is
+    found again only under the same config (all fields but `GRID_FIELDS`) and model width.
+    """
+    folder = work.file("sweep")
+    os.makedirs(folder, exist_ok=True)
+    key = common.fingerprint(config, ignore=GRID_FIELDS)[:16]
+    rows, reused = [], 0
+    for method in methods:
+        for n in levels:
+            for c in config.c_values:
+                name = f"{method.replace(':', '-')}_{n}_c{c:g}_w{width_scale:g}_{key}.json"
+                path = os.path.join(folder, name)
+                if os.path.exists(path):
+                    with open(path) as file:
+                        rows.append(json.load(file))
+                    reused += 1
+                    continue
+                row = quantize_and_evaluate(
+                    trained, splits, calibration, config, method=method, num_letters=n, c=c
+                )
+                row = json.loads(json.dumps(row))  # as a reused row reads (tuples as lists)
+                with open(path + ".tmp", "w") as file:
+                    json.dump(row, file)
+                os.replace(path + ".tmp", path)
+                rows.append(row)
+    if reused:
+        logging.info("%d of %d quantized models read from %s", reused, len(rows), folder)
+    return rows
 
 
 def choose(rows: list[dict], method: str, num_letters: int, *, by: str) -> dict:
@@ -151,7 +190,7 @@ def run(
     trained = train.train_and_evaluate(config, work, splits=splits)
     calibration = calibration_batches(splits, config)
     methods, levels = tuple(config.methods), tuple(config.num_letters)
-    rows = sweep(trained, splits, calibration, config, methods=methods, levels=levels)
+    rows = sweep(trained, splits, calibration, config, work=work, methods=methods, levels=levels)
     summary = ("level", "c", "valid_accuracy", "test_accuracy")
     # Per-layer errors at the coarsest alphabet, where the methods differ most.
     error_level = levels[0]
@@ -191,8 +230,10 @@ def run(
             splits,
             calibration,
             config,
+            work=work,
             methods=("gpfq", "msq"),
             levels=(config.width_num_letters,),
+            width_scale=scale,
         )
         chosen = {
             m: choose(wide_rows, m, config.width_num_letters, by="valid_accuracy")
