@@ -10,6 +10,7 @@ separate, labelled column for comparison with the published numbers.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -132,24 +133,22 @@ def sweep(
     os.makedirs(folder, exist_ok=True)
     key = common.fingerprint(config, ignore=GRID_FIELDS)[:16]
     rows, reused = [], 0
-    for method in methods:
-        for n in levels:
-            for c in config.c_values:
-                name = f"{method.replace(':', '-')}_{n}_c{c:g}_w{width_scale:g}_{key}.json"
-                path = os.path.join(folder, name)
-                if os.path.exists(path):
-                    with open(path) as file:
-                        rows.append(json.load(file))
-                    reused += 1
-                    continue
-                row = quantize_and_evaluate(
-                    trained, splits, calibration, config, method=method, num_letters=n, c=c
-                )
-                row = json.loads(json.dumps(row))  # as a reused row reads (tuples as lists)
-                with open(path + ".tmp", "w") as file:
-                    json.dump(row, file)
-                os.replace(path + ".tmp", path)
-                rows.append(row)
+    for method, n, c in itertools.product(methods, levels, config.c_values):
+        name = f"{method.replace(':', '-')}_{n}_c{c:g}_w{width_scale:g}_{key}.json"
+        path = os.path.join(folder, name)
+        if os.path.exists(path):
+            with open(path) as file:
+                text = file.read()
+            reused += 1
+        else:
+            row = quantize_and_evaluate(
+                trained, splits, calibration, config, method=method, num_letters=n, c=c
+            )
+            text = json.dumps(row)
+            with open(path + ".tmp", "w") as file:  # whole or absent, even if killed here
+                file.write(text)
+            os.replace(path + ".tmp", path)
+        rows.append(json.loads(text))  # a new row reads as a reused one (tuples as lists)
     if reused:
         logging.info("%d of %d quantized models read from %s", reused, len(rows), folder)
     return rows
