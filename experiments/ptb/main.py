@@ -1,7 +1,7 @@
 """ProxQuant vs straight-through multi-bit quantization of an LSTM language model on PTB.
 
-    python -m experiments.ptb.main --config=experiments/ptb/configs/reduced.py \
-        --workdir=/tmp/qjax/ptb_reduced
+    python -m experiments.ptb.main --config=experiments/ptb/configs/medium.py \
+        --workdir=/tmp/qjax/ptb_medium
 """
 
 from absl import app, flags, logging
