@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -234,6 +235,32 @@ def paired_kernel(
         used = kernel
     jax.debug.callback(PairedPass._layer_done, errors)
     return used, q.astype(kernel.dtype), errors
+
+
+KEPT_PAIRED_PASSES = 4
+
+
+def compiled_per_spec(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn(model, quantizers, call_kwargs, sequential, state, batch)` jit-compiled once per
+    distinct static first four arguments, keeping only the `KEPT_PAIRED_PASSES` most recently
+    used compilations.
+
+    Every set of layer specs (a method, an alphabet, a scale constant C) is its own program. A
+    plain `jax.jit` keeps each one for the life of the process, and a sweep over a few dozen
+    specs then runs out of memory for compiled code (on CPU, after about 45 passes of a small
+    CNN). Dropping a jitted function frees its programs.
+    """
+
+    @functools.lru_cache(maxsize=KEPT_PAIRED_PASSES)
+    def compiled(*static: Any) -> Callable[..., Any]:
+        return jax.jit(functools.partial(fn, *static))
+
+    @functools.wraps(fn)
+    def call(model, quantizers, call_kwargs, sequential, state, batch):
+        return compiled(model, quantizers, call_kwargs, sequential)(state, batch)
+
+    call.cache_info = compiled.cache_info
+    return call
 
 
 def run_paired(member: Callable[[Any], Any], state: Any, *, sequential: bool) -> Any:

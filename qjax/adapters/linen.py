@@ -21,6 +21,7 @@ from qjax.adapters.base import (
     Adapter,
     Layer,
     StackedInputs,
+    compiled_per_spec,
     frozen_kwargs,
     paired_kernel,
     run_paired,
@@ -202,7 +203,7 @@ def _stacked_pass(model, path, apply_kwargs, variables, batch):
 _Q_NAME, _ERRORS_NAME = "_qjax_q", "_qjax_errors"
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+@compiled_per_spec
 def _paired_pass(model, quantizers, apply_kwargs, sequential, variables, batch):
     """`LinenAdapter.paired_pass` as one compiled program: {module path: (Q, errors)}. The
     kernels are swapped in with `put_variable`, so the "params" collection is mutable during the

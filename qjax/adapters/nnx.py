@@ -27,6 +27,7 @@ from qjax.adapters.base import (
     Adapter,
     Layer,
     StackedInputs,
+    compiled_per_spec,
     frozen_kwargs,
     paired_kernel,
     run_paired,
@@ -280,7 +281,7 @@ def _stacked_pass(graphdef, path, call_kwargs, state, batch):
     _Target.path = None
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+@compiled_per_spec
 def _paired_pass(graphdef, quantizers, call_kwargs, sequential, state, batch):
     """`NNXAdapter.paired_pass` as one compiled program: {path: (Q, errors)}."""
     by_path = {path: quantizer for path, _, quantizer in quantizers}
