@@ -320,10 +320,13 @@ def markdown(results: dict, config: ml_collections.ConfigDict) -> str:
                 f"{row['msq']['accuracy']:.2f} | {f - row['gpfq']['accuracy']:.2f} | "
                 f"{f - row['msq']['accuracy']:.2f} |"
             )
+    models = results["sweep"]
     lines += [
         "",
-        f"Total time: {results['total_seconds'] / 60:.1f} min "
-        f"({jax.device_count()} {jax.devices()[0].platform} device).",
+        f"Total time: {results['total_seconds'] / 60:.1f} min for this run "
+        f"({jax.device_count()} {jax.devices()[0].platform} device); quantizing and evaluating "
+        f"the grid's {len(models)} models took {sum(r['seconds'] for r in models) / 60:.1f} min, "
+        "counting those an earlier run of this workdir computed (workdir/sweep).",
     ]
     return "\n".join(lines) + "\n"
 
