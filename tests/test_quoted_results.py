@@ -20,9 +20,9 @@ RUN = re.compile(r"results/([\w.-]+)/")
 
 def _json_numbers(value) -> set[str]:
     if isinstance(value, dict):
-        return set().union(*map(_json_numbers, value.values()), set())
+        return set().union(*map(_json_numbers, value.values()))
     if isinstance(value, list):
-        return set().union(*map(_json_numbers, value), set())
+        return set().union(*map(_json_numbers, value))
     if isinstance(value, float):
         return {f"{x:.{d}f}" for x in (value, 100 * value) for d in (2, 3)}
     return set()
@@ -53,8 +53,7 @@ def quoted_tables(page: pathlib.Path) -> list[tuple[str, str, list[str]]]:
         while i < len(lines):
             line = lines[i]
             if not line.startswith("|"):
-                if RUN.search(line):
-                    run = RUN.findall(line)[-1]
+                run = [run, *RUN.findall(line)][-1]
                 i += 1
                 continue
             block = []
@@ -70,6 +69,11 @@ def quoted_tables(page: pathlib.Path) -> list[tuple[str, str, list[str]]]:
     return tables
 
 
+def missing_numbers(cells: list[str], recorded: set[str]) -> list[str]:
+    """The measured numbers in `cells` that are not among `recorded`."""
+    return [n for cell in cells for n in NUMBER.findall(cell) if n not in recorded]
+
+
 PAGES = ("README.md", "docs/results.md")
 
 
@@ -79,8 +83,7 @@ def test_quoted_numbers_come_from_results_files(page):
     assert tables, f"{page} quotes no table from results/"
     for run, header, cells in tables:
         assert (RESULTS / run).is_dir(), f"{page} names results/{run}/, which does not exist"
-        recorded = recorded_numbers(RESULTS / run)
-        missing = [n for cell in cells for n in NUMBER.findall(cell) if n not in recorded]
+        missing = missing_numbers(cells, recorded_numbers(RESULTS / run))
         assert not missing, f"{page}, table '{header}': {missing} not in results/{run}/"
 
 
@@ -92,5 +95,4 @@ def test_a_number_missing_from_the_run_is_caught(tmp_path):
         "| ours | 81.25 | 90.00 |\n| ours, as in the paper | 81.26 | |\n| *paper* | 88.00 | |\n"
     )
     [(run, _, cells)] = quoted_tables(tmp_path / "page.md")
-    recorded = recorded_numbers(tmp_path / "results" / run)
-    assert [n for cell in cells for n in NUMBER.findall(cell) if n not in recorded] == ["81.26"]
+    assert missing_numbers(cells, recorded_numbers(tmp_path / "results" / run)) == ["81.26"]
