@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -39,12 +40,12 @@ from jax.sharding import Mesh
 from jax.typing import ArrayLike
 from tqdm.auto import tqdm
 
-from qjax.adapters.base import Adapter, Layer, PairedPass
+from qjax.adapters.base import Adapter, Layer, ModelCall, PairedPass, call_error
 from qjax.adapters.linen import LinenAdapter
 from qjax.adapters.nnx import NNXAdapter
 from qjax.layers import Conv, ConvByChannel, LayerKind
 from qjax.methods.msq import MSQ
-from qjax.rules import DEFAULT_SPEC, LayerSpec, Rules
+from qjax.rules import DEFAULT_SPEC, LayerSpec, Rules, path_name
 from qjax.stats import (
     GramStats,
     accumulate,
@@ -55,7 +56,8 @@ from qjax.stats import (
 
 __all__ = ["LayerReport", "format_report", "quantize_model"]
 
-Calibration = ArrayLike | Sequence[ArrayLike] | Callable[[], Iterable[ArrayLike]]
+Batch = ArrayLike | tuple | Mapping[str, ArrayLike] | Any
+Calibration = Batch | list[Batch] | Callable[[], Iterable[Batch]]
 RulesLike = Sequence[tuple[str, LayerSpec]] | Mapping[str, LayerSpec]
 
 
@@ -64,7 +66,7 @@ class LayerReport(NamedTuple):
 
     Attributes:
       path: the layer's path, e.g. "Dense_0", "blocks/attn/query"; a slice of a stacked layer
-        has its index appended, "blocks/mlp/fc1[3]".
+        has its index appended, "blocks/mlp/fc1[3]" ("" for a model that is a layer itself).
       kind: the layer kind ("Dense", "DenseGeneral", "Einsum", "Conv").
       method: the method's name ("skip": left float, no error computed).
       shape: the kernel's shape (of the slice).
@@ -75,6 +77,9 @@ class LayerReport(NamedTuple):
       seconds: wall time spent on this layer: its statistics and quantization (layer by layer),
         or the time since the previous layer was done (one pass: the forward computation in
         between included, and for the first layer the tracing and compilation of the pass).
+      alphabet: the alphabet the layer's weight matrix was quantized to (its scales per tensor,
+        channel or group, and its letters), as `LayerSpec.make_alphabet` gives it for the
+        kernel (slice) in `kind`'s matrix form; None when skipped.
     """
 
     path: str
@@ -85,63 +90,231 @@ class LayerReport(NamedTuple):
     relative_error: float | None
     msq_relative_error: float | None
     seconds: float
+    alphabet: Any = None
 
 
-def _calibration_batches(calibration: Calibration) -> Callable[[], Iterator[Any]]:
-    """A function that restarts the calibration batches (they are read once per layer)."""
-    if callable(calibration):
-        return lambda: iter(calibration())
-    if hasattr(calibration, "shape"):
-        return lambda: iter([calibration])
-    if isinstance(calibration, Iterator):
-        raise ValueError(
-            "calibration is a one-shot iterator, but it is read once per layer: pass an array, "
-            "a list of batches, or a function returning a fresh iterator of batches"
-        )
-    if isinstance(calibration, Sequence) and calibration:
-        return lambda: iter(calibration)
-    raise ValueError(
-        "calibration must be an array, a non-empty list of batches, or a function returning "
-        f"an iterator of batches; got {type(calibration).__name__}"
-    )
+_INPUTS_ONLY = (
+    "if your batches are (inputs, labels) pairs from a dataset, pass the inputs only "
+    "([x for x, _ in batches]); pass several arguments as a tuple (positional) or a dict "
+    "(keyword), or give call=lambda model, batch: ... to run the model on a batch yourself"
+)
 
 
-def _checked(batch: ArrayLike, first_shape: tuple[int, ...] | None) -> jax.Array:
-    """A calibration batch: numbers (floating inputs, or integer token ids), finite, non-empty."""
-    batch = jnp.asarray(batch)
-    if not (jnp.issubdtype(batch.dtype, jnp.floating) or jnp.issubdtype(batch.dtype, jnp.integer)):
-        raise ValueError(
-            f"calibration batches must be floating point inputs or integer token ids, got dtype "
-            f"{batch.dtype}"
-        )
-    if batch.ndim < 1 or batch.shape[0] == 0:
-        raise ValueError(f"calibration batch has shape {batch.shape}: no examples")
-    if first_shape is not None and batch.shape[1:] != first_shape[1:]:
-        raise ValueError(
-            f"calibration batch of shape {batch.shape} differs from the first batch "
-            f"{first_shape} beyond the batch axis"
-        )
-    if jnp.issubdtype(batch.dtype, jnp.floating) and not np.all(np.isfinite(np.asarray(batch))):
-        raise ValueError("calibration batch contains NaN or Inf")
-    return batch
+class _Batches:
+    """The calibration batches, restartable (they are read once per layer), each checked and in
+    the form the compiled passes take: (data, shared), see `ModelCall`.
+
+    Without a `call` hook, a batch is an array (the model's one input), a tuple (its positional
+    arguments), a dict (its keyword arguments), or an (args tuple, kwargs dict) pair; `data` is
+    then (args, kwargs). With a hook, `data` is the batch as given.
+    """
+
+    def __init__(self, calibration: Calibration, hook, shared: Mapping[str, jax.Array]):
+        if isinstance(calibration, Iterator):
+            raise ValueError(
+                "calibration is a one-shot iterator, but it is read once per layer: pass an "
+                "array, a list of batches, or a function returning a fresh iterator of batches"
+            )
+        if callable(calibration) and not hasattr(calibration, "shape"):
+            self._source = lambda: iter(calibration())
+        elif isinstance(calibration, list):
+            if not calibration:
+                raise ValueError("calibration is an empty list of batches")
+            self._source = lambda: iter(calibration)
+        elif calibration is None or isinstance(calibration, str | bytes):
+            raise ValueError(
+                "calibration must be a batch (an array, a tuple or dict of arrays), a non-empty "
+                f"list of batches, or a function returning an iterator of batches; got "
+                f"{type(calibration).__name__}"
+            )
+        else:
+            self._source = lambda: iter([calibration])
+        self.streamed = callable(calibration) and not hasattr(calibration, "shape")
+        self.hook = hook
+        self.shared = dict(shared)
+        self._first: tuple[Any, list] | None = None
+
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        for index, batch in enumerate(self._source()):
+            yield self.fed(batch, index)
+
+    def first(self) -> Any:
+        return next(iter(self))
+
+    def _data(self, batch: Any) -> Any:
+        if self.hook is not None:
+            return batch
+        if (
+            isinstance(batch, tuple)
+            and len(batch) == 2
+            and isinstance(batch[0], tuple)
+            and isinstance(batch[1], Mapping)
+        ):
+            return tuple(batch[0]), dict(batch[1])
+        if isinstance(batch, tuple):
+            return batch, {}
+        if isinstance(batch, Mapping):
+            return (), dict(batch)
+        return (batch,), {}
+
+    def _name(self, keypath) -> str:
+        if self.hook is not None:
+            return f"batch{jax.tree_util.keystr(tuple(keypath))}"
+        kind, *rest = keypath
+        where = f"argument {rest[0].idx}" if kind.idx == 0 else f"keyword argument {rest[0].key!r}"
+        return where + jax.tree_util.keystr(tuple(rest[1:]))
+
+    def fed(self, batch: Any, index: int) -> tuple[Any, Any]:
+        """Batch `index` checked: arrays of numbers, finite, of the first batch's structure and
+        shapes beyond the batch axis."""
+        data = self._data(batch)
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(data)
+        if not leaves:
+            raise ValueError(f"calibration batch {index} holds no arrays")
+        single = self.hook is None and len(leaves) == 1 and not isinstance(batch, tuple | Mapping)
+        arrays = []
+        for keypath, leaf in leaves:
+            try:
+                array = jnp.asarray(leaf)
+            except TypeError as error:
+                raise ValueError(
+                    f"calibration batch {index}: {self._name(keypath)} is not an array "
+                    f"({type(leaf).__name__}); put non-array arguments in apply_kwargs"
+                ) from error
+            numbers = jnp.issubdtype(array.dtype, jnp.floating) or jnp.issubdtype(
+                array.dtype, jnp.integer
+            )
+            if not numbers and (single or array.dtype != jnp.bool_):
+                raise ValueError(
+                    f"calibration batches must be floating point inputs or integer token ids "
+                    f"(or boolean masks beside them), got dtype {array.dtype} for "
+                    f"{self._name(keypath)} of batch {index}"
+                )
+            if array.ndim < 1 or array.shape[0] == 0:
+                raise ValueError(
+                    f"calibration batch {index}: {self._name(keypath)} has shape {array.shape}: "
+                    "no examples"
+                )
+            if jnp.issubdtype(array.dtype, jnp.floating) and not np.all(
+                np.isfinite(np.asarray(array))
+            ):
+                raise ValueError(
+                    f"calibration batch {index}: {self._name(keypath)} contains NaN or Inf"
+                )
+            arrays.append(array)
+        shapes = [a.shape for a in arrays]
+        if self._first is None:
+            self._first = (treedef, shapes)
+        else:
+            first_treedef, first_shapes = self._first
+            if treedef != first_treedef:
+                raise ValueError(
+                    f"calibration batch {index} is structured as {treedef}, the first batch as "
+                    f"{first_treedef}"
+                )
+            for (keypath, _), shape, first in zip(leaves, shapes, first_shapes, strict=True):
+                if shape[1:] != first[1:]:
+                    raise ValueError(
+                        f"calibration batch {index}: {self._name(keypath)} of shape {shape} "
+                        f"differs from the first batch's {first} beyond the batch axis"
+                    )
+        return jax.tree.unflatten(treedef, arrays), self.shared
+
+    def aligned(self, fed: tuple[Any, Any]) -> bool:
+        """Whether every array of a batch has the same leading (example) axis."""
+        return len({leaf.shape[0] for leaf in jax.tree.leaves(fed[0])}) == 1
+
+    def check_binds(self, model: Any, call: ModelCall, fed: tuple[Any, Any]) -> None:
+        """Without a hook: the batch's arguments fit the model's `__call__`, and no element of a
+        tuple batch is taken for a flag or looks like a dataset's labels."""
+        if self.hook is not None:
+            return
+        (args, kwargs), shared = fed
+        try:
+            signature = inspect.signature(type(model).__call__)
+        except (TypeError, ValueError):
+            return
+        try:
+            bound = signature.bind(None, *args, **kwargs, **shared, **call.keywords)
+        except TypeError as error:
+            if "missing a required argument" in str(error) and not args[1:]:
+                raise ValueError(call_error(error, model, fed)) from error
+            raise ValueError(
+                f"calibration batches give {type(model).__name__} {len(args)} positional and "
+                f"keyword arguments {sorted({**kwargs, **shared})}, which do not fit "
+                f"{type(model).__name__}{signature} ({error}): {_INPUTS_ONLY}"
+            ) from error
+        names = list(signature.parameters)[1 : 1 + len(args)]
+        for position, (name, arg) in enumerate(zip(names, args, strict=False)):
+            default = signature.parameters[name].default
+            labels = (
+                position > 0
+                and isinstance(arg, jax.Array)
+                and isinstance(args[0], jax.Array)
+                and arg.ndim == 1
+                and jnp.issubdtype(arg.dtype, jnp.integer)
+                and args[0].ndim > 1
+            )
+            if isinstance(default, bool) or labels:
+                raise ValueError(
+                    f"calibration batches are tuples: element {position} (shape {arg.shape}, "
+                    f"dtype {arg.dtype}) would be passed as {type(model).__name__}'s argument "
+                    f"{name!r}"
+                    + (f" (default {default!r})" if isinstance(default, bool) else "")
+                    + f": {_INPUTS_ONLY}"
+                )
+        del bound
 
 
-def _adapter(model, args, apply_kwargs) -> tuple[Adapter, Calibration]:
+def _adapter(model, args, call: ModelCall) -> tuple[Adapter, Calibration]:
     if isinstance(model, nnx.Module):
         if len(args) != 1:
             raise ValueError(
                 "an NNX module is quantized as quantize_model(module, calibration, ...): "
                 f"got {len(args)} positional arguments after the module"
             )
-        return NNXAdapter(model, apply_kwargs), args[0]
+        return NNXAdapter(model, call), args[0]
     if isinstance(model, nn.Module):
         if len(args) != 2:
             raise ValueError(
                 "a Linen module is quantized as quantize_model(model, variables, calibration, "
                 f"...): got {len(args)} positional arguments after the model"
             )
-        return LinenAdapter(model, args[0], apply_kwargs), args[1]
+        return LinenAdapter(model, args[0], call), args[1]
     raise ValueError(f"quantize_model takes a Flax Linen or NNX module, got {type(model).__name__}")
+
+
+def _check_weights(state: Any) -> None:
+    """Raises naming the first floating variable that holds NaN or Inf."""
+    for keypath, leaf in jax.tree_util.tree_leaves_with_path(state):
+        if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact) and not bool(
+            jnp.all(jnp.isfinite(leaf))
+        ):
+            raise ValueError(
+                f"weight {path_name(keypath)} contains NaN or Inf: quantization needs a finite "
+                "model"
+            )
+
+
+def _check_inputs(adapter: Adapter, found: Sequence[Layer], batches: _Batches) -> None:
+    """One float forward pass per batch: raises naming the batch and the first layer whose
+    input holds NaN or Inf, or the embedding given token ids outside its table."""
+    called = [layer for layer in found if layer.problem != "is never called"]
+    for index, batch in enumerate(batches):
+        finite, ids = adapter.check_inputs(called, batch)
+        for path, (low, high, size) in ids.items():
+            if low < 0 or high >= size:
+                raise ValueError(
+                    f"calibration batch {index}: embedding {path} is given token ids from {low} "
+                    f"to {high}, outside its table of {size} rows (ids 0..{size - 1})"
+                )
+        for layer in called:
+            if not finite.get(layer.path, True):
+                raise ValueError(
+                    f"calibration batch {index}: the input of layer {layer.path} holds NaN or "
+                    "Inf in the float model (its weights and the batch are finite: an "
+                    "overflow or a division by zero before it)"
+                )
 
 
 def _in_forward_order(found: Sequence[Layer]) -> list[tuple[Layer, tuple[int, ...]]]:
@@ -167,9 +340,61 @@ def _in_forward_order(found: Sequence[Layer]) -> list[tuple[Layer, tuple[int, ..
 
 
 def _errors(method, matrix, q, stats: GramStats, alphabet) -> jax.Array:
-    """(relative error of Q, relative error had W been rounded (MSQ)) from the layer's stats."""
+    """(relative error of Q, relative error had W been rounded (MSQ), 1 if the statistics are
+    finite else 0) from the layer's stats."""
     rounded = q if isinstance(method, MSQ) else MSQ().quantize(matrix, stats, alphabet)
-    return jnp.stack([relative_error(matrix, q, stats), relative_error(matrix, rounded, stats)])
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in (stats.gram, stats.cross)]))
+    errors = [relative_error(matrix, q, stats), relative_error(matrix, rounded, stats)]
+    return jnp.stack([*errors, finite.astype(errors[0].dtype)])
+
+
+def _name(layer: Layer, index: tuple[int, ...]) -> str:
+    return layer.path + (f"[{', '.join(map(str, index))}]" if index else "")
+
+
+def _skipped(layer: Layer, index: tuple[int, ...], kernel: jax.Array) -> LayerReport:
+    shape = tuple(kernel.shape[len(layer.stack_shape) :])
+    return LayerReport(_name(layer, index), layer.type_name, "skip", shape, None, None, None, 0)
+
+
+def _quantized(
+    layer: Layer,
+    index: tuple[int, ...],
+    step: _LayerStep,
+    kernel: jax.Array,
+    alphabet: Any,
+    errors: ArrayLike,
+    seconds: float,
+) -> LayerReport:
+    """The report of a quantized layer (slice), or an error if its statistics are not finite."""
+    name = _name(layer, index)
+    error, msq_error, finite = map(float, np.asarray(errors))
+    if not finite:
+        raise ValueError(
+            f"the statistics of layer {name} (X~ᵀX~, X~ᵀX) hold NaN or Inf: its inputs "
+            "overflow in the partly quantized model"
+        )
+    logging.info(
+        "%s %s: relative error %.4f (MSQ %.4f), %d letters, %.1fs",
+        name,
+        step.spec.quantizer.name,
+        error,
+        msq_error,
+        alphabet.size,
+        seconds,
+    )
+    shape = tuple(kernel.shape[len(layer.stack_shape) :])
+    return LayerReport(
+        name,
+        step.kind.name,
+        step.spec.quantizer.name,
+        shape,
+        alphabet.size,
+        error,
+        msq_error,
+        seconds,
+        alphabet,
+    )
 
 
 # A convolution's rows are its input patches, kh·kw times the input: in a paired pass they are
@@ -269,6 +494,12 @@ def _gathered(q: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnums=0)
+def _alphabet(step: _LayerStep, kernel: jax.Array):
+    """The alphabet of a layer's kernel (slice), as its step makes it inside a pass."""
+    return step.alphabet(kernel)
+
+
+@functools.partial(jax.jit, static_argnums=0)
 def _rows(kind: LayerKind, x) -> jax.Array:
     return kind.rows(x)
 
@@ -306,7 +537,9 @@ def _in_one_pass(
     start = time.perf_counter()
     PairedPass.listener = layer_done
     try:
-        state, errors = adapter.paired_pass(list(found), steps, batch, sequential=sequential)
+        state, errors_by_path = adapter.paired_pass(
+            list(found), steps, batch, sequential=sequential
+        )
         jax.effects_barrier()
     finally:
         PairedPass.listener = None
@@ -317,42 +550,17 @@ def _in_one_pass(
         logging.warning("%d of %d layers reported progress", len(finished), todo)
         times = np.full(todo, (time.perf_counter() - start) / max(todo, 1))
 
-    reports, done, sizes = [], 0, {}
+    reports, done = [], 0
     for layer, index in units:
-        name = layer.path + (f"[{', '.join(map(str, index))}]" if index else "")
         kernel = adapter.kernel(adapter.state, layer)
-        shape = tuple(kernel.shape[len(layer.stack_shape) :])
         step = steps.get(layer.path)
         if step is None:
-            reports.append(LayerReport(name, layer.type_name, "skip", shape, None, None, None, 0))
+            reports.append(_skipped(layer, index, kernel))
             continue
-        key = (step, shape, kernel.dtype)
-        if key not in sizes:  # the alphabet's size, without computing it
-            sizes[key] = jax.eval_shape(
-                step.alphabet, jax.ShapeDtypeStruct(shape, kernel.dtype)
-            ).size
-        error, msq_error = map(float, errors[layer.path][index])
-        reports.append(
-            LayerReport(
-                name,
-                step.kind.name,
-                step.spec.quantizer.name,
-                shape,
-                sizes[key],
-                error,
-                msq_error,
-                float(times[done]),
-            )
-        )
+        alphabet = _alphabet(step, kernel[index])
+        errors = errors_by_path[layer.path][index]
+        reports.append(_quantized(layer, index, step, kernel, alphabet, errors, times[done]))
         done += 1
-        logging.info(
-            "%s %s: relative error %.4f (MSQ %.4f), %d letters",
-            name,
-            step.spec.quantizer.name,
-            error,
-            msq_error,
-            sizes[key],
-        )
     return state, reports
 
 
@@ -363,6 +571,7 @@ def quantize_model(
     rules: RulesLike | None = None,
     layers: RulesLike | None = None,
     apply_kwargs: Mapping[str, Any] | None = None,
+    call: Callable[[Any, Any], Any] | None = None,
     mesh: Mesh | None = None,
     one_pass: bool | None = None,
     sequential: bool = True,
@@ -372,26 +581,37 @@ def quantize_model(
 
     Linen: `quantize_model(model, variables, calibration, ...)` returns (new variables, reports).
     NNX: `quantize_model(module, calibration, ...)` returns (a new module, reports) and leaves
-    `module` untouched.
+    `module` untouched. The model may be a layer itself (`nnx.Linear(...)`, `nn.Dense(...)`).
 
     Layer l's method sees X (its input in the float model) and X~ (its input in the model whose
     earlier layers are quantized), accumulated over all calibration batches into `GramStats`.
     Embedding tables are left float (round them with `qjax.msq` if wanted); biases, normalization
-    and every other variable stay as they were.
+    and every other variable stay as they were. Boxed Linen parameters (`nn.Partitioned`,
+    `nn.with_logical_partitioning`) and NNX variable metadata (sharding names) are kept.
 
     Args:
-      model: a Linen module (followed by its variables) or an NNX module.
-      *args: Linen: (variables, calibration); NNX: (calibration,). The calibration inputs are
-        what the model takes (preprocessed images, or integer token ids): one array (one batch),
+      model: a Linen module (followed by its variables) or an NNX module, with any attributes
+        (lists, config objects).
+      *args: Linen: (variables, calibration); NNX: (calibration,). The calibration is one batch,
         a list of batches, or a function returning a fresh iterator of batches (each layer reads
-        all of them once).
+        all of them once). A batch is what the model is called with: an array (preprocessed
+        images, integer token ids), a tuple of positional arguments, a dict of keyword arguments
+        (per-batch masks, positions, segment ids), or an (args tuple, kwargs dict) pair; every
+        array in it has the batch (example) axis first. With `call`, a batch is any pytree of
+        arrays that `call` takes.
       spec: the `LayerSpec` of every layer no rule matches.
       rules: ordered (pattern, LayerSpec) pairs (or a mapping); the first pattern that fully
         matches a layer's path (`re.fullmatch`, e.g. "blocks/attn/.*") gives its spec. Every
         pattern must match a layer. `LayerSpec(method="skip")` keeps a layer float.
       layers: the former name of `rules` (still accepted; give one of the two).
-      apply_kwargs: keyword arguments of every forward pass (Linen `model.apply(..., **kw)`, e.g.
-        {"train": False}; NNX `module(batch, **kw)`). NNX modules run in `eval()` mode.
+      apply_kwargs: keyword arguments of every forward pass (e.g. {"train": False}; Linen's
+        `mutable` goes to `model.apply`). Arrays among them are passed to every batch's call
+        as data; other values (numbers, strings, lists, None) are part of the program.
+        NNX modules run in `eval()` mode.
+      call: `call(model, batch) -> output`, how to run the model on one batch, for anything a
+        batch of arguments cannot say (a `cache=None`, another method of a Linen module). The
+        model is the NNX module, or the Linen module bound to its variables. `apply_kwargs`
+        then holds only Linen's `mutable`.
       mesh: accumulate each layer's statistics data-parallel over this device mesh (and split
         GPFQ's neurons over it), see `qjax.stats`; the codes are those of the unsharded run.
         The forward passes run where the model and the batches are. On several hosts
@@ -404,8 +624,9 @@ def quantize_model(
         whole calibration set, twice).
         False: layer by layer, batch by batch (memory bounded by one batch; two forward passes
         per layer and batch, one compilation per layer).
-        None (default): one pass when the calibration is an array or a list of batches and no
-        mesh is given; layer by layer for a function of batches (streamed data) or a mesh.
+        None (default): one pass when the calibration is a batch or a list of batches whose
+        arrays all have the same number of examples, and no mesh is given; layer by layer for
+        a function of batches (streamed data) or a mesh.
         Both give the same codes up to the rounding of the statistics' sums.
       sequential: True (the GPFQ paper's order): layer l sees X~ from the model whose layers
         before it are quantized. False: every layer is quantized from the float model's inputs
@@ -414,19 +635,32 @@ def quantize_model(
       progress: show a progress bar over layers.
 
     Returns:
-      (quantized variables or module, one `LayerReport` per layer or slice in call order).
+      (quantized variables or module, one `LayerReport` per layer or slice in call order, with
+      the alphabet each was quantized to).
 
     Raises:
       ValueError: a pattern that matches no layer; a kernel-owning layer that is not skipped and
         qjax cannot quantize (unknown kind, never called, called twice); calibration batches that
-        are not numbers, not finite, or not of the shape the model takes.
+        are not arrays of numbers, not finite, not of the model's arguments (a dataset's
+        (inputs, labels) pair), or not of the first batch's shapes; a model in training mode
+        (the argument to pass is named); NaN or Inf in a weight, in a layer's input in the float
+        model or in a layer's statistics, and token ids outside an embedding's table (the
+        layer or variable, and the batch, are named). All before any layer is quantized, but
+        the last.
     """
     if rules is not None and layers is not None:
         raise ValueError("give rules= or its former name layers=, not both")
-    adapter, calibration = _adapter(model, args, apply_kwargs)
+    if call is not None and set(apply_kwargs or {}) - {"mutable"}:
+        raise ValueError(
+            f"with call=, pass the forward pass's keyword arguments in the call itself, not in "
+            f"apply_kwargs {sorted(apply_kwargs)}"
+        )
+    model_call, shared = ModelCall.make(call, apply_kwargs)
+    adapter, calibration = _adapter(model, args, model_call)
     table = Rules(rules if rules is not None else layers, default=spec)
-    batches = _calibration_batches(calibration)
-    first = _checked(next(batches()), None)
+    batches = _Batches(calibration, call, shared)
+    first = batches.first()
+    batches.check_binds(model, model_call, first)
     found = adapter.layers(first)
     if not found:
         raise ValueError(f"{type(model).__name__} has no layer with a kernel to quantize")
@@ -438,16 +672,31 @@ def quantize_model(
                 f"DenseGeneral/LinearGeneral, Einsum and Conv layers; keep it float with "
                 f"rules=[({layer.path!r}, LayerSpec(method='skip'))]"
             )
+    _check_weights(adapter.state)
+    _check_inputs(adapter, found, batches)
 
     units = _in_forward_order(found)
     if one_pass is None:
-        one_pass = mesh is None and not callable(calibration)
+        one_pass = mesh is None and not batches.streamed
+        if one_pass and not all(batches.aligned(b) for b in batches):
+            one_pass = False  # batches that cannot be joined along their example axis
     if one_pass:
         if mesh is not None:
             raise ValueError("one_pass=True runs on one device: give mesh= with one_pass=False")
-        batch = jnp.concatenate([_checked(b, first.shape) for b in batches()])
+        fed = list(batches)
+        if len(fed) > 1:
+            for index, batch in enumerate(fed):
+                if not batches.aligned(batch):
+                    raise ValueError(
+                        f"one_pass=True joins the calibration batches along their first axis, "
+                        f"but the arrays of batch {index} have different first axes "
+                        f"{[leaf.shape for leaf in jax.tree.leaves(batch[0])]}: give "
+                        "one_pass=False (or one batch)"
+                    )
+            joined = jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *[b[0] for b in fed])
+            fed = [(joined, fed[0][1])]
         state, reports = _in_one_pass(
-            adapter, found, units, table, batch, sequential=sequential, progress=progress
+            adapter, found, units, table, fed[0], sequential=sequential, progress=progress
         )
         return adapter.result(state), reports
 
@@ -456,19 +705,16 @@ def quantize_model(
     reports = []
     for layer, index in tqdm(units, desc="quantizing layers", disable=not progress):
         layer_spec = table.spec_for(layer.path)
-        name = layer.path + (f"[{', '.join(map(str, index))}]" if index else "")
         kernel = adapter.kernel(current, layer)
         if layer_spec.skip:
-            shape = tuple(kernel.shape[len(layer.stack_shape) :])
-            reports.append(LayerReport(name, layer.type_name, "skip", shape, None, None, None, 0))
+            reports.append(_skipped(layer, index, kernel))
             continue
         start = time.perf_counter()
         step = _LayerStep(layer_spec, layer_spec.layer_kind(layer.kind))
-        method, kind = step.spec.quantizer, step.kind
+        kind = step.kind
         matrix = kind.to_matrix(kernel[index])
         stats = step.init_stats(matrix, mesh=mesh)
-        for batch in batches():
-            batch = _checked(batch, first.shape)
+        for batch in batches:
             x = adapter.inputs(float_state, layer, index, batch)
             x_tilde = adapter.inputs(current, layer, index, batch) if sequential else x
             if mesh is None:
@@ -479,31 +725,11 @@ def quantize_model(
         q, alphabet, errors = step.quantize(
             matrix, stats, gather=_gathered if mesh is not None else None
         )
-        error, msq_error = map(float, errors)
+        errors = np.asarray(errors)
+        seconds = time.perf_counter() - start
+        reports.append(_quantized(layer, index, step, kernel, alphabet, errors, seconds))
         new_kernel = kernel.at[index].set(kind.from_matrix(q).astype(kernel.dtype))
         current = adapter.with_kernel(current, layer, new_kernel)
-        seconds = time.perf_counter() - start
-        reports.append(
-            LayerReport(
-                name,
-                kind.name,
-                method.name,
-                tuple(kernel.shape[len(layer.stack_shape) :]),
-                alphabet.size,
-                error,
-                msq_error,
-                seconds,
-            )
-        )
-        logging.info(
-            "%s %s: relative error %.4f (MSQ %.4f), %d letters, %.1fs",
-            name,
-            method.name,
-            error,
-            msq_error,
-            alphabet.size,
-            seconds,
-        )
     return adapter.result(current), reports
 
 

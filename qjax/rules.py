@@ -40,8 +40,8 @@ def path_name(keypath: Sequence[Any]) -> str:
                 break
         else:
             parts.append(str(key))
-    nnx_value = isinstance(keypath[-1], jax.tree_util.GetAttrKey) and parts[-1] == "value"
-    if len(parts) > 1 and nnx_value:  # an NNX Variable's value
+    nnx_value = bool(parts) and isinstance(keypath[-1], jax.tree_util.GetAttrKey)
+    if len(parts) > 1 and nnx_value and parts[-1] == "value":  # an NNX Variable's value
         parts.pop()
     return "/".join(parts)
 

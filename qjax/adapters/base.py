@@ -26,6 +26,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import functools
+import inspect
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -40,11 +41,14 @@ from qjax.layers import LayerKind
 __all__ = [
     "PAIR_AXIS",
     "Adapter",
+    "InputChecks",
     "Layer",
     "LayerQuantizer",
+    "ModelCall",
     "PairedPass",
     "StackedInputs",
-    "frozen_kwargs",
+    "Static",
+    "call_error",
     "paired_kernel",
     "run_paired",
 ]
@@ -52,8 +56,8 @@ __all__ = [
 PAIR_AXIS = "qjax_pair"
 
 # quantizer(kernel, x, x_tilde) -> (Q, errors): the engine's traced per-layer step (one slice of
-# a stacked layer); errors = (relative error, MSQ's relative error). Hashable, so that compiled
-# passes are reused.
+# a stacked layer); errors = (relative error, MSQ's, 1 if the statistics are finite). Hashable,
+# so that compiled passes are reused.
 LayerQuantizer = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
 
@@ -96,25 +100,165 @@ class Layer:
         return cls(path, None if isinstance(kind, str) else kind, type_name, stack, problem)
 
 
-def frozen_kwargs(kwargs: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...]:
-    """Keyword arguments of the forward pass as a hashable key of compiled programs (lists
-    become tuples); `dict(...)` of it gives them back.
+@dataclasses.dataclass(frozen=True, eq=False)
+class Static:
+    """A static argument of a compiled program (a model, a graph definition, a call).
 
-    Raises:
-      ValueError: a value that cannot be hashed (an array, a dict), named.
+    Compared by value (`==`), so a second call with an equal module reuses the program; hashed
+    by value when the value hashes, and by its type otherwise: a module with a list, a dict or a
+    `config` object among its attributes is never hashed, and equal ones still share a program.
+    A value whose `==` fails (arrays among its attributes) is compared by identity.
     """
-    items = []
-    for key, value in sorted(dict(kwargs or {}).items()):
-        value = tuple(value) if isinstance(value, list) else value
+
+    value: Any
+
+    def __hash__(self):
         try:
-            hash(value)
-        except TypeError as error:
-            raise ValueError(
-                f"apply_kwargs[{key!r}] = {value!r} is not hashable: pass numbers, strings, "
-                "booleans or tuples (arrays belong in the calibration batches)"
-            ) from error
-        items.append((key, value))
-    return tuple(items)
+            return hash(self.value)
+        except TypeError:
+            return hash(type(self.value))
+
+    def __eq__(self, other):
+        if not isinstance(other, Static):
+            return NotImplemented
+        if self.value is other.value:
+            return True
+        if type(self.value) is not type(other.value):
+            return False
+        try:
+            return bool(self.value == other.value)
+        except Exception:
+            return False
+
+
+def is_array(value: Any) -> bool:
+    """Whether `value` is an array (data of a batch, never a key of a compiled program)."""
+    return isinstance(value, jax.Array | np.ndarray | np.generic)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCall:
+    """How the model is run on one calibration batch, inside every compiled pass.
+
+    A batch reaches `__call__` as the pair (data, shared): `shared` holds the array keyword
+    arguments common to all batches (from `apply_kwargs`). With a `hook`, the model is run as
+    `hook(model, data)`; otherwise `data` is (args, kwargs) and the model is run as
+    `model(*args, **kwargs, **shared, **kwargs of this call)`.
+
+    Attributes:
+      hook: the user's `call(model, batch) -> output`, or None.
+      kwargs: the keyword arguments that are not arrays (`train=False`, ...), as sorted
+        (name, `Static`) pairs: they key the compiled programs, whatever their type.
+    """
+
+    hook: Callable[[Any, Any], Any] | None = None
+    kwargs: tuple[tuple[str, Static], ...] = ()
+
+    @classmethod
+    def make(
+        cls, hook: Callable[[Any, Any], Any] | None, kwargs: Mapping[str, Any] | None
+    ) -> tuple[ModelCall, dict[str, Any]]:
+        """(the call, the array keyword arguments shared by every batch) from `apply_kwargs`."""
+        kwargs = dict(kwargs or {})
+        shared = {k: v for k, v in kwargs.items() if is_array(v)}
+        static = tuple(sorted((k, Static(v)) for k, v in kwargs.items() if k not in shared))
+        return cls(Static(hook) if hook is not None else None, static), shared
+
+    def pop(self, name: str, default: Any = None) -> tuple[Any, ModelCall]:
+        """(the keyword argument `name` or `default`, this call without it)."""
+        kept = tuple((k, v) for k, v in self.kwargs if k != name)
+        found = [v.value for k, v in self.kwargs if k == name]
+        return (found[0] if found else default), dataclasses.replace(self, kwargs=kept)
+
+    @property
+    def keywords(self) -> dict[str, Any]:
+        """The non-array keyword arguments."""
+        return {k: v.value for k, v in self.kwargs}
+
+    def __call__(self, model: Any, batch: Any) -> Any:
+        data, shared = batch
+        if self.hook is not None:
+            return self.hook.value(model, data)
+        args, kwargs = data
+        return model(*args, **kwargs, **shared, **self.keywords)
+
+
+class InputChecks:
+    """What a checking forward pass saw, sent to the host by callbacks (also from inside
+    `scan`): per layer, whether all its inputs were finite; per embedding, the range of the
+    token ids it looked up."""
+
+    _lock = threading.Lock()
+    finite: dict[str, bool] = {}  # noqa: RUF012 (one shared sink, as `StackedInputs`)
+    ids: dict[str, tuple[int, int, int]] = {}  # noqa: RUF012
+
+    @classmethod
+    def record_input(cls, path: str, x: jax.Array) -> None:
+        """Called inside the traced pass with a quantizable layer's input."""
+        if jnp.issubdtype(x.dtype, jnp.inexact):
+            jax.debug.callback(functools.partial(cls._finite, path), jnp.all(jnp.isfinite(x)))
+
+    @classmethod
+    def record_ids(cls, path: str, ids: jax.Array, num_embeddings: int) -> None:
+        """Called inside the traced pass with an embedding's token ids."""
+        if jnp.issubdtype(ids.dtype, jnp.integer) and ids.size:
+            jax.debug.callback(
+                functools.partial(cls._ids, path, num_embeddings), jnp.min(ids), jnp.max(ids)
+            )
+
+    @classmethod
+    def _finite(cls, path, finite) -> None:
+        cls.finite[path] = cls.finite.get(path, True) and bool(finite)
+
+    @classmethod
+    def _ids(cls, path, num_embeddings, low, high) -> None:
+        old_low, old_high, _ = cls.ids.get(path, (int(low), int(high), num_embeddings))
+        cls.ids[path] = (min(old_low, int(low)), max(old_high, int(high)), num_embeddings)
+
+    @classmethod
+    def collect(cls, run) -> tuple[dict[str, bool], dict[str, tuple[int, int, int]]]:
+        """Runs `run()` (a forward pass calling `record_*`); returns (finite, ids)."""
+        with cls._lock:
+            cls.finite, cls.ids = {}, {}
+            run()
+            jax.effects_barrier()
+            out = cls.finite, cls.ids
+            cls.finite, cls.ids = {}, {}
+        return out
+
+
+_TRAIN_FLAGS = {"train": False, "training": False, "is_training": False, "deterministic": True}
+
+
+def call_error(error: Exception, model: Any, batch: Any) -> str:
+    """What to tell the user when the model cannot run on a calibration batch: the error, and
+    the argument to pass when it comes from a model left in training mode (BatchNorm updating
+    its statistics, or a required `train` flag)."""
+    text = str(error)
+    shapes = jax.tree.map(lambda leaf: tuple(np.shape(leaf)), batch[0])
+    message = f"calibration batches of shapes {shapes} do not fit the model: {text}"
+    training = (
+        "use_running_average" in text
+        or ("batch_stats" in text and "immutable" in text)
+        or any(f"argument: '{flag}'" in text for flag in _TRAIN_FLAGS)
+    )
+    if not training:
+        return message
+    try:
+        parameters = inspect.signature(type(model).__call__).parameters
+    except (TypeError, ValueError):
+        parameters = {}
+    flags = {name: value for name, value in _TRAIN_FLAGS.items() if name in parameters}
+    hint = (
+        f"pass apply_kwargs={flags!r}"
+        if flags
+        else "pass the argument of your model that sets BatchNorm's use_running_average=True "
+        "in apply_kwargs (e.g. apply_kwargs={'train': False})"
+    )
+    return (
+        f"the model runs in training mode on the calibration batches (BatchNorm must use its "
+        f"running statistics): {hint}. ({text})"
+    )
 
 
 class Adapter(abc.ABC):
@@ -144,6 +288,14 @@ class Adapter(abc.ABC):
         `state` runs on `batch`."""
 
     @abc.abstractmethod
+    def check_inputs(
+        self, layers: list[Layer], batch: Any
+    ) -> tuple[dict[str, bool], dict[str, tuple[int, int, int]]]:
+        """One float forward pass on `batch` (`InputChecks.collect`): ({layer path: whether all
+        its inputs are finite} for `layers`, {embedding path: (lowest id, highest id, number of
+        embeddings)})."""
+
+    @abc.abstractmethod
     def paired_pass(
         self,
         layers: list[Layer],
@@ -157,7 +309,7 @@ class Adapter(abc.ABC):
 
         Returns:
           (the float state with those layers' kernels quantized, {path: errors of shape
-          stack_shape + (2,)}).
+          stack_shape + (3,)}).
         """
 
     @abc.abstractmethod
@@ -223,7 +375,7 @@ def paired_kernel(
       sequential: as in `run_paired`.
 
     Returns:
-      (W in member 0 and Q in member 1, or W when not sequential; Q; the errors (2,)).
+      (W in member 0 and Q in member 1, or W when not sequential; Q; the errors (3,)).
     """
     if sequential:
         both = jax.lax.all_gather(x, PAIR_AXIS)  # one value, not per member: quantized once
@@ -241,7 +393,7 @@ KEPT_PAIRED_PASSES = 4
 
 
 def compiled_per_spec(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """`fn(model, quantizers, call_kwargs, sequential, state, batch)` jit-compiled once per
+    """`fn(model, quantizers, call, sequential, state, batch)` jit-compiled once per
     distinct static first four arguments, keeping only the `KEPT_PAIRED_PASSES` most recently
     used compilations.
 
@@ -256,11 +408,11 @@ def compiled_per_spec(fn: Callable[..., Any]) -> Callable[..., Any]:
         return jax.jit(functools.partial(fn, *static))
 
     @functools.wraps(fn)
-    def call(model, quantizers, call_kwargs, sequential, state, batch):
-        return compiled(model, quantizers, call_kwargs, sequential)(state, batch)
+    def run(model, quantizers, call, sequential, state, batch):
+        return compiled(model, quantizers, call, sequential)(state, batch)
 
-    call.cache_info = compiled.cache_info
-    return call
+    run.cache_info = compiled.cache_info
+    return run
 
 
 def run_paired(member: Callable[[Any], Any], state: Any, *, sequential: bool) -> Any:

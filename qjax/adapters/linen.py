@@ -19,10 +19,13 @@ import numpy as np
 from qjax import layers as kinds
 from qjax.adapters.base import (
     Adapter,
+    InputChecks,
     Layer,
+    ModelCall,
     StackedInputs,
+    Static,
+    call_error,
     compiled_per_spec,
-    frozen_kwargs,
     paired_kernel,
     run_paired,
 )
@@ -54,19 +57,26 @@ def _kind(module: nn.Module, kernel_shape: tuple[int, ...]) -> kinds.LayerKind |
 class LinenAdapter(Adapter):
     """A Linen module with its variables.
 
+    Boxed parameters (`nn.with_logical_partitioning`, `nn.Partitioned`) are read through: the
+    adapter works on their values, and `result` puts the quantized values back in the boxes, with
+    their sharding names.
+
     Args:
-      model: the Linen module.
+      model: the Linen module (any attributes: lists, config objects).
       variables: its variables ({"params": ..., "batch_stats": ..., ...}).
-      apply_kwargs: keyword arguments of every `model.apply` (e.g. {"train": False}).
+      call: how a batch is fed to `model.apply` (its keyword argument `mutable`, if any, is
+        `apply`'s).
     """
 
-    def __init__(self, model: nn.Module, variables: Mapping[str, Any], apply_kwargs=None):
+    def __init__(self, model: nn.Module, variables: Mapping[str, Any], call: ModelCall):
         if not isinstance(variables, Mapping) or "params" not in variables:
             keys = list(variables) if isinstance(variables, Mapping) else type(variables).__name__
             raise ValueError(f"variables must have a 'params' collection, got {keys}")
         self.model = model
-        self._variables = variables
-        self.apply_kwargs = frozen_kwargs(apply_kwargs)
+        self._model = Static(model)
+        self._boxed = variables
+        self._variables = nn.meta.unbox(variables)
+        self.mutable, self.call = call.pop("mutable", False)
         self._keys: dict[str, tuple[str, ...]] = {}
 
     @property
@@ -83,18 +93,20 @@ class LinenAdapter(Adapter):
                 params = module.variables.get("params", {})
                 if "kernel" in params:
                     path = tuple(module.path)
-                    calls.setdefault(path, (module, tuple(np.shape(params["kernel"]))))
+                    kernel = nn.meta.unbox(params["kernel"])
+                    calls.setdefault(path, (module, tuple(np.shape(kernel))))
                     counts[path] = counts.get(path, 0) + 1
             return next_fun(*args, **kwargs)
 
-        apply = functools.partial(self.model.apply, **dict(self.apply_kwargs))
         try:
             with nn.intercept_methods(record):
-                jax.eval_shape(apply, self._variables, batch)
-        except (TypeError, ValueError, flax.errors.FlaxError) as error:
-            raise ValueError(
-                f"calibration batches of shape {np.shape(batch)} do not fit the model: {error}"
-            ) from error
+                jax.eval_shape(
+                    functools.partial(_run, self.model, self.call, self.mutable),
+                    self._variables,
+                    batch,
+                )
+        except (TypeError, ValueError, AssertionError, flax.errors.FlaxError) as error:
+            raise ValueError(call_error(error, self.model, batch)) from error
 
         found = []
         kernel_paths = {
@@ -139,17 +151,23 @@ class LinenAdapter(Adapter):
 
     def inputs(self, state, layer: Layer, index, batch) -> jax.Array:
         path = self._keys[layer.path]
+        static = (self._model, path, self.call, Static(self.mutable))
         if not layer.stack_shape:
-            return _layer_input(self.model, path, self.apply_kwargs, state, batch)
+            return _layer_input(*static, state, batch)
         flat = int(np.ravel_multi_index(index, layer.stack_shape))
-        run = lambda: _stacked_pass(self.model, path, self.apply_kwargs, state, batch)
+        run = lambda: _stacked_pass(*static, state, batch)
         return jax.numpy.asarray(StackedInputs.collect(run, flat))
+
+    def check_inputs(self, layers, batch):
+        paths = frozenset(self._keys[layer.path] for layer in layers)
+        static = (self._model, paths, self.call, Static(self.mutable))
+        return InputChecks.collect(lambda: _checking_pass(*static, self._variables, batch))
 
     def paired_pass(self, layers, quantizers, batch, *, sequential):
         out = _paired_pass(
-            self.model,
+            self._model,
             tuple((self._keys[path], q) for path, q in quantizers.items()),
-            self.apply_kwargs,
+            (self.call, Static(self.mutable)),
             sequential,
             self._variables,
             batch,
@@ -163,7 +181,14 @@ class LinenAdapter(Adapter):
         return current, errors
 
     def result(self, state):
-        return state
+        """The variables, boxed as they were given (sharding names kept)."""
+        is_box = lambda leaf: isinstance(leaf, nn.meta.AxisMetadata)
+        return jax.tree.map(
+            lambda old, new: old.replace_boxed(new) if is_box(old) else new,
+            self._boxed,
+            state,
+            is_leaf=is_box,
+        )
 
 
 def _flat(tree) -> dict[tuple[str, ...], Any]:
@@ -171,8 +196,13 @@ def _flat(tree) -> dict[tuple[str, ...], Any]:
     return {tuple(str(k.key) for k in keypath): leaf for keypath, leaf in leaves}
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _layer_input(model, path, apply_kwargs, variables, batch):
+def _run(model, call, mutable, variables, batch):
+    """`call(model bound to variables, batch)`, through `model.apply`."""
+    return model.apply(variables, batch, method=call, mutable=mutable)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _layer_input(model, path, call, mutable, variables, batch):
     """The input of the layer at `path` on one batch (compiled once per layer)."""
     captured = []
 
@@ -182,12 +212,12 @@ def _layer_input(model, path, apply_kwargs, variables, batch):
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(capture):
-        model.apply(variables, batch, **dict(apply_kwargs))
+        _run(model.value, call, mutable.value, variables, batch)
     return captured[0]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _stacked_pass(model, path, apply_kwargs, variables, batch):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _stacked_pass(model, path, call, mutable, variables, batch):
     """A forward pass sending every input of the stacked layer at `path` to `StackedInputs`."""
 
     def capture(next_fun, args, kwargs, context):
@@ -196,7 +226,24 @@ def _stacked_pass(model, path, apply_kwargs, variables, batch):
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(capture):
-        model.apply(variables, batch, **dict(apply_kwargs))
+        _run(model.value, call, mutable.value, variables, batch)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _checking_pass(model, paths, call, mutable, variables, batch):
+    """A float forward pass sending the layers' inputs and embeddings' ids to `InputChecks`."""
+
+    def check(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name == "__call__" and args:
+            if tuple(module.path) in paths:
+                InputChecks.record_input("/".join(module.path), args[0])
+            if isinstance(module, nn.Embed):
+                InputChecks.record_ids("/".join(module.path), args[0], module.num_embeddings)
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(check):
+        _run(model.value, call, mutable.value, variables, batch)
 
 
 # What a paired pass leaves on a layer, beside its kernel (stacked like it under nn.scan).
@@ -204,7 +251,7 @@ _Q_NAME, _ERRORS_NAME = "_qjax_q", "_qjax_errors"
 
 
 @compiled_per_spec
-def _paired_pass(model, quantizers, apply_kwargs, sequential, variables, batch):
+def _paired_pass(model, quantizers, call, sequential, variables, batch):
     """`LinenAdapter.paired_pass` as one compiled program: {module path: (Q, errors)}. The
     kernels are swapped in with `put_variable`, so the "params" collection is mutable during the
     pass (also under `nn.scan`, whose variable axes then stack Q and the errors)."""
@@ -221,14 +268,13 @@ def _paired_pass(model, quantizers, apply_kwargs, sequential, variables, batch):
             module.put_variable("params", _ERRORS_NAME, errors)
         return next_fun(*args, **kwargs)
 
-    kwargs = dict(apply_kwargs)
-    mutable = kwargs.pop("mutable", False)  # the caller's mutable collections, and "params"
+    call, mutable = call[0], call[1].value  # the caller's mutable collections, and "params"
     if mutable is not True:
         mutable = ["params", *([mutable] if isinstance(mutable, str) else (mutable or []))]
 
     def member(variables):
         with nn.intercept_methods(swap):
-            _, mutated = model.apply(variables, batch, mutable=mutable, **kwargs)
+            _, mutated = _run(model.value, call, mutable, variables, batch)
         out = {}
         for path, _ in quantizers:
             node = mutated["params"]

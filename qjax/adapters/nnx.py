@@ -25,10 +25,13 @@ from flax import nnx
 from qjax import layers as kinds
 from qjax.adapters.base import (
     Adapter,
+    InputChecks,
     Layer,
+    ModelCall,
     StackedInputs,
+    Static,
+    call_error,
     compiled_per_spec,
-    frozen_kwargs,
     paired_kernel,
     run_paired,
 )
@@ -75,9 +78,10 @@ def _kind(module: nnx.Module, kernel_shape, call_kwargs) -> kinds.LayerKind | st
 
 
 @contextlib.contextmanager
-def _recording(hook):
-    """Makes every call of a quantizable NNX layer call `hook(module, args, kwargs)` first."""
-    originals = {cls: cls.__call__ for cls in _LAYER_TYPES}
+def _recording(hook, types=_LAYER_TYPES):
+    """Makes every call of a quantizable NNX layer (of `types`) call `hook(module, args, kwargs)`
+    first."""
+    originals = {cls: cls.__call__ for cls in types}
 
     def wrap(cls):
         original = originals[cls]
@@ -90,7 +94,7 @@ def _recording(hook):
         return call
 
     try:
-        for cls in _LAYER_TYPES:
+        for cls in types:
             cls.__call__ = wrap(cls)
         yield
     finally:
@@ -119,14 +123,15 @@ _ERRORS_ATTRIBUTE = "_qjax_errors"
 
 
 class NNXAdapter(Adapter):
-    """An NNX module (left untouched: the adapter works on a tagged copy).
+    """An NNX module (left untouched: the adapter works on a tagged copy). Variables keep their
+    metadata (sharding names) through quantization.
 
     Args:
-      module: the NNX module.
-      call_kwargs: keyword arguments of every call `module(batch, **call_kwargs)`.
+      module: the NNX module (any attributes: lists, dicts, config objects), or a layer itself.
+      call: how a batch is fed to the module.
     """
 
-    def __init__(self, module: nnx.Module, call_kwargs=None):
+    def __init__(self, module: nnx.Module, call: ModelCall):
         if not isinstance(module, nnx.Module):
             raise ValueError(f"expected an nnx.Module, got {type(module).__name__}")
         copy = nnx.clone(module)
@@ -134,12 +139,14 @@ class NNXAdapter(Adapter):
             copy.eval()
         self._paths: dict[str, tuple[Any, ...]] = {}
         for keypath, sub in nnx.iter_graph(copy):
-            if isinstance(sub, nnx.Module) and hasattr(sub, "kernel"):
+            if isinstance(sub, nnx.Module) and (hasattr(sub, "kernel") or _is_embed(sub)):
                 name = path_name(keypath)
                 object.__setattr__(sub, _PATH_ATTRIBUTE, name)
-                self._paths[name] = tuple(keypath)
+                if hasattr(sub, "kernel"):
+                    self._paths[name] = tuple(keypath)
         self.graphdef, self._state = nnx.split(copy)
-        self.call_kwargs = frozen_kwargs(call_kwargs)
+        self._graphdef = Static(self.graphdef)
+        self.call = call
 
     @property
     def state(self):
@@ -157,15 +164,13 @@ class NNXAdapter(Adapter):
                 counts[name] = counts.get(name, 0) + 1
 
         def forward(state, batch):
-            return nnx.merge(self.graphdef, state)(batch, **dict(self.call_kwargs))
+            return self.call(nnx.merge(self.graphdef, state), batch)
 
         try:
             with _recording(hook):
                 jax.eval_shape(forward, self._state, batch)
-        except (TypeError, ValueError) as error:
-            raise ValueError(
-                f"calibration batches of shape {np.shape(batch)} do not fit the model: {error}"
-            ) from error
+        except (TypeError, ValueError, AssertionError) as error:
+            raise ValueError(call_error(error, self.graphdef, batch)) from error
 
         found = []
         for name, (module, seen_shape, kwargs) in calls.items():
@@ -206,14 +211,23 @@ class NNXAdapter(Adapter):
     def inputs(self, state, layer: Layer, index, batch) -> jax.Array:
         if not layer.stack_shape:
             with _recording(_capture_hook):
-                return _layer_input(self.graphdef, layer.path, self.call_kwargs, state, batch)
+                return _layer_input(self._graphdef, layer.path, self.call, state, batch)
         flat = int(np.ravel_multi_index(index, layer.stack_shape))
 
         def run():
             with _recording(_capture_hook):
-                _stacked_pass(self.graphdef, layer.path, self.call_kwargs, state, batch)
+                _stacked_pass(self._graphdef, layer.path, self.call, state, batch)
 
         return jax.numpy.asarray(StackedInputs.collect(run, flat))
+
+    def check_inputs(self, layers, batch):
+        paths = frozenset(layer.path for layer in layers)
+
+        def run():
+            with _recording(_check_hook, (*_LAYER_TYPES, nnx.Embed)):
+                _checking_pass(self._graphdef, paths, self.call, self._state, batch)
+
+        return InputChecks.collect(run)
 
     def paired_pass(self, layers, quantizers, batch, *, sequential):
         stacks = {layer.path: layer.stack_shape for layer in layers}
@@ -221,12 +235,12 @@ class NNXAdapter(Adapter):
         for path in quantizers:  # slots for each layer's Q and errors, scanned like its kernel
             owner = _submodule(module, self._paths[path])
             setattr(owner, _Q_ATTRIBUTE, _PassOutput(jnp.zeros_like(_value(owner.kernel))))
-            setattr(owner, _ERRORS_ATTRIBUTE, _PassOutput(jnp.zeros((*stacks[path], 2))))
+            setattr(owner, _ERRORS_ATTRIBUTE, _PassOutput(jnp.zeros((*stacks[path], 3))))
         graphdef, state = nnx.split(module)
         out = _paired_pass(
-            graphdef,
+            Static(graphdef),
             tuple((path, self._paths[path], q) for path, q in quantizers.items()),
-            self.call_kwargs,
+            self.call,
             sequential,
             state,
             batch,
@@ -253,6 +267,7 @@ class _Target:
 
     path: str | None = None
     stacked: bool = False
+    checked: frozenset[str] = frozenset()
     captured: list = []  # noqa: RUF012
 
 
@@ -264,25 +279,47 @@ def _capture_hook(module, args, kwargs):
             _Target.captured.append(args[0])
 
 
+def _is_embed(module) -> bool:
+    return isinstance(module, nnx.Embed)
+
+
+def _check_hook(module, args, kwargs):
+    name = getattr(module, _PATH_ATTRIBUTE, None)
+    if name is None or not args:
+        return
+    if _is_embed(module):
+        InputChecks.record_ids(name, args[0], module.num_embeddings)
+    elif name in _Target.checked:
+        InputChecks.record_input(name, args[0])
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _layer_input(graphdef, path, call_kwargs, state, batch):
+def _checking_pass(graphdef, paths, call, state, batch):
+    """A float forward pass sending the layers' inputs and embeddings' ids to `InputChecks`."""
+    _Target.checked = paths
+    call(nnx.merge(graphdef.value, state), batch)
+    _Target.checked = frozenset()
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _layer_input(graphdef, path, call, state, batch):
     """The input of the layer at `path` on one batch (compiled once per layer)."""
     _Target.path, _Target.stacked, _Target.captured = path, False, []
-    nnx.merge(graphdef, state)(batch, **dict(call_kwargs))
+    call(nnx.merge(graphdef.value, state), batch)
     captured, _Target.captured, _Target.path = _Target.captured, [], None
     return captured[0]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _stacked_pass(graphdef, path, call_kwargs, state, batch):
+def _stacked_pass(graphdef, path, call, state, batch):
     """A forward pass sending every input of the stacked layer at `path` to `StackedInputs`."""
     _Target.path, _Target.stacked = path, True
-    nnx.merge(graphdef, state)(batch, **dict(call_kwargs))
+    call(nnx.merge(graphdef.value, state), batch)
     _Target.path = None
 
 
 @compiled_per_spec
-def _paired_pass(graphdef, quantizers, call_kwargs, sequential, state, batch):
+def _paired_pass(graphdef, quantizers, call, sequential, state, batch):
     """`NNXAdapter.paired_pass` as one compiled program: {path: (Q, errors)}."""
     by_path = {path: quantizer for path, _, quantizer in quantizers}
 
@@ -297,9 +334,9 @@ def _paired_pass(graphdef, quantizers, call_kwargs, sequential, state, batch):
             _set_value(getattr(module, _ERRORS_ATTRIBUTE), errors)
 
     def member(state):
-        module = nnx.merge(graphdef, state)
+        module = nnx.merge(graphdef.value, state)
         with _recording(hook):
-            module(batch, **dict(call_kwargs))
+            call(module, batch)
         out = {}
         for path, keys, _ in quantizers:
             owner = _submodule(module, keys)
