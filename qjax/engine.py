@@ -660,7 +660,7 @@ def quantize_model(
     table = Rules(rules if rules is not None else layers, default=spec)
     batches = _Batches(calibration, call, shared)
     first = batches.first()
-    batches.check_binds(model, model_call, first)
+    batches.check_binds(model, adapter.call, first)
     found = adapter.layers(first)
     if not found:
         raise ValueError(f"{type(model).__name__} has no layer with a kernel to quantize")

@@ -263,7 +263,10 @@ def call_error(error: Exception, model: Any, batch: Any) -> str:
 
 class Adapter(abc.ABC):
     """The framework side of `quantize_model`. `state` is the adapter's own representation of the
-    model's variables (Linen: the variables dict; NNX: an `nnx.State`)."""
+    model's variables (Linen: the variables dict; NNX: an `nnx.State`); `call` is how a batch is
+    fed to the model (less the framework's own keyword arguments, such as Linen's `mutable`)."""
+
+    call: ModelCall
 
     @abc.abstractmethod
     def layers(self, batch: Any) -> list[Layer]:
