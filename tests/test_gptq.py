@@ -7,6 +7,7 @@ import pytest
 
 import qjax
 from qjax import alphabets
+from qjax.methods import hessian
 from qjax.methods.base import _quantize_batched
 from qjax.methods.gptq import gptq_from_stats
 
@@ -109,3 +110,43 @@ def test_second_call_does_not_recompile():
     size = _quantize_batched._cache_size()
     gptq_from_stats(jnp.zeros((5, 2)), stats, alphabets.symmetric(1, 0.7))
     assert _quantize_batched._cache_size() == size
+
+
+def collinear_and_dead_inputs(rng, m=40):
+    """Six random inputs, five combinations of them (collinear) and two dead ones."""
+    base = rng.normal(size=(m, 6)).astype(np.float32)
+    combos = np.concatenate([2.0 * base[:, :3], base[:, :2] @ np.ones((2, 2), np.float32)], axis=1)
+    return np.concatenate([base, combos, np.zeros((m, 2), np.float32)], axis=1)
+
+
+def test_damping_rises_on_collinear_and_dead_inputs():
+    """G is singular: in float32, G + λI cannot be factored at damping 1e-9 (JAX's Cholesky gives
+    NaN); λ rises tenfold until it can, and the codes are those of that damping from the start."""
+    x = collinear_and_dead_inputs(np.random.default_rng(0))
+    w = jax.random.normal(jax.random.key(10), (x.shape[1], 4))
+    stats = qjax.gram_stats(x, x)
+    alphabet = alphabets.symmetric(3, 0.3)
+    base = stats.gram + jnp.diag((jnp.diagonal(stats.gram) <= 0).astype(jnp.float32))
+    first = 1e-9 * jnp.mean(jnp.diagonal(base))
+    assert not np.all(np.isfinite(hessian.reversed_cholesky(base + first * jnp.eye(len(base)))))
+    lam, _ = hessian.damped_factor(base, first)
+    raised = float(lam / first)
+    assert raised >= 10
+    q = gptq_from_stats(w, stats, alphabet, damping=1e-9)
+    np.testing.assert_array_equal(q, gptq_from_stats(w, stats, alphabet, damping=1e-9 * raised))
+    np.testing.assert_array_equal(q[-2:], 0.0)  # the dead inputs
+    assert set(np.unique(np.asarray(q)).tolist()) <= set(np.asarray(alphabet.letters).tolist())
+
+
+@pytest.mark.parametrize("method", [qjax.GPTQ(), qjax.Qronos()])
+def test_indefinite_statistics_raise_a_clear_error(method):
+    """A G no damping can repair (an eigenvalue of -1e7·||G||₂): an error naming the shape, the
+    damping tried and what to do, never NaN or made-up codes."""
+    x = collinear_and_dead_inputs(np.random.default_rng(1))
+    stats = qjax.gram_stats(x, x)
+    eigenvalues, vectors = np.linalg.eigh(np.asarray(stats.gram, np.float64))
+    eigenvalues[0] = -1e7 * eigenvalues[-1]
+    broken = stats._replace(gram=jnp.asarray((vectors * eigenvalues) @ vectors.T, jnp.float32))
+    w = jnp.ones((x.shape[1], 3))
+    with pytest.raises(ValueError, match=r"shape \(13, 3\).*could not be factored.*raised tenfold"):
+        method.quantize(w, broken, alphabets.symmetric(1, 1.0))

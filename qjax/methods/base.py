@@ -23,10 +23,10 @@ from jax.typing import ArrayLike
 
 from qjax._mesh import check_finite_here
 from qjax.alphabets import Alphabet, AnyAlphabet
-from qjax.checks import check_alphabet, check_finite
+from qjax.checks import check_alphabet, check_finite, is_concrete
 from qjax.stats import GramStats, combined
 
-__all__ = ["QuantizationMethod", "get", "names"]
+__all__ = ["QuantizationMethod", "get", "names", "nearest_letter"]
 
 _REGISTRY: dict[str, type[QuantizationMethod]] = {}
 
@@ -64,6 +64,10 @@ class QuantizationMethod(abc.ABC):
 
         Returns:
           Q, same shape and dtype as w, every entry a letter of A.
+
+        Raises:
+          ValueError: on bad shapes, NaN or Inf in w or the statistics, or when the method's
+            arithmetic fails on finite inputs (NaN codes; the message says what to do).
         """
         w = jnp.asarray(w)
         if not jnp.issubdtype(w.dtype, jnp.floating):
@@ -83,7 +87,23 @@ class QuantizationMethod(abc.ABC):
             q = self.quantize_per_device(w_stats, stats, alphabet)
         else:
             q = _quantize_batched(self, w_stats, stats, alphabet)
+        if is_concrete(q) and q.is_fully_addressable and bool(jnp.any(jnp.isnan(q))):
+            raise ValueError(
+                f"{self.name}: the codes of the weight matrix of shape {w.shape} (batch_shape + "
+                f"(N0, N1)) came out NaN from finite weights and statistics: "
+                f"{self.numerical_failure(stats)}"
+            )
         return q.astype(w.dtype)
+
+    def numerical_failure(self, stats: GramStats) -> str:
+        """Why this method's arithmetic can fail on finite inputs, and what to do (the message of
+        the error `quantize` raises when it does)."""
+        del stats
+        return (
+            "an intermediate overflowed in "
+            f"{self.name}'s arithmetic; accumulate the statistics in float64 "
+            "(gram_stats_init(..., dtype=jnp.float64) with jax_enable_x64)"
+        )
 
     def quantize_per_device(
         self, w: jax.Array, stats: GramStats, alphabet: AnyAlphabet
@@ -124,6 +144,12 @@ def _quantize_batched(method: QuantizationMethod, w, stats: GramStats, alphabet)
         stats_axes = GramStats(0, 0, None, None if stats.float_gram is None else 0)
         quantize = jax.vmap(quantize, in_axes=(0, stats_axes, axes))
     return quantize(w, stats, alphabet)
+
+
+def nearest_letter(alphabet: AnyAlphabet, x: jax.Array) -> jax.Array:
+    """Q(x), the nearest letter of each entry, but NaN where x is not finite: a method never
+    turns a NaN weight (or a failed factorization) into a finite letter."""
+    return jnp.where(jnp.isfinite(x), alphabet.project(x), jnp.nan).astype(x.dtype)
 
 
 def get(method: str | QuantizationMethod) -> QuantizationMethod:

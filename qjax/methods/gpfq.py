@@ -60,7 +60,7 @@ from jax.typing import ArrayLike
 from qjax import _mesh
 from qjax.alphabets import Alphabet, AnyAlphabet
 from qjax.checks import check_alphabet, check_finite, check_matrix, check_positive_int
-from qjax.methods.base import QuantizationMethod, batch_axes
+from qjax.methods.base import QuantizationMethod, batch_axes, nearest_letter
 from qjax.patches import ConvGeometry, conv_patches, kernel_to_matrix, matrix_to_kernel
 from qjax.stats import GramStats, accumulate, gram_stats, gram_stats_init, gram_stats_update
 
@@ -117,9 +117,8 @@ def _neuron_gram(
 
         def input_step(correction, j):
             t = start + j
-            argument = (target[t] - correction[j]) / diag[t]
-            argument = jnp.where(dead[t], jnp.zeros_like(argument), argument)
-            q_t = alphabet.for_input(offset + t).project(argument)
+            argument = _argument(target[t] - correction[j], diag[t], dead[t])
+            q_t = nearest_letter(alphabet.for_input(offset + t), argument)
             # G is symmetric: row j is column j, and rows are contiguous.
             return correction + block_gram[j] * q_t, q_t
 
@@ -138,9 +137,8 @@ def _neuron_residual(
     def input_step(u, inputs):
         t, w_t, x_t, x_tilde_t, norm_sq_t, dead_t = inputs
         v = u + w_t * x_t
-        argument = jnp.dot(x_tilde_t, v, precision=_HIGHEST) / norm_sq_t
-        argument = jnp.where(dead_t, jnp.zeros_like(argument), argument)
-        q_t = alphabet.for_input(t).project(argument)
+        argument = _argument(jnp.dot(x_tilde_t, v, precision=_HIGHEST), norm_sq_t, dead_t)
+        q_t = nearest_letter(alphabet.for_input(t), argument)
         return v - q_t * x_tilde_t, q_t
 
     u0 = jnp.zeros_like(x[:, 0], w.dtype)  # varies as x does (inside shard_map)
@@ -162,6 +160,12 @@ def _dead_inputs(diag: jax.Array, dead_tol: float) -> jax.Array:
     return diag <= dead_tol * jnp.max(diag)
 
 
+def _argument(numerator: jax.Array, norm_sq: jax.Array, dead: jax.Array) -> jax.Array:
+    """The rounding argument numerator / ||X~_t||², or 0 for a dead input (NaN for a NaN
+    numerator: NaN weights stay NaN)."""
+    return jnp.where(dead, 0 * numerator, numerator / jnp.where(dead, 1, norm_sq))
+
+
 def _greedy_segment(
     w: jax.Array,
     rhs: jax.Array,
@@ -172,6 +176,7 @@ def _greedy_segment(
     *,
     block_size: int,
     leaf_size: int,
+    difference: bool,
     offset: int = 0,
 ) -> jax.Array:
     """The greedy choices for a run of consecutive inputs S, split in halves down to leaves.
@@ -181,17 +186,21 @@ def _greedy_segment(
     contributions of the inputs before S. After the first half S1 is quantized, its contribution
     to the second half, H[S2, S1]·W[S1] − G[S2, S1]·Q[S1], is two matrix products; summed over the
     levels these products cover the lower triangles of H and G once, i.e. the work of one
-    (N0 × N0)·(N0 × N1) product. A leaf (≤ leaf_size inputs) runs the blocked scan.
+    (N0 × N0)·(N0 × N1) product. A leaf (≤ leaf_size inputs) runs the blocked scan. With
+    `difference` (H = G: GPFQ with X~ = X, or GPTQ's nearest-plane form), the two products are
+    one, G[S2, S1]·(W[S1] − Q[S1]).
 
     Args:
       w: weights W[S], shape (n, N1), n a multiple of block_size, in G's dtype.
       rhs: shape (n, N1).
       gram: G[S, S].
-      cross: H[S, S], or None if `rhs` already holds all of Σ_{s≤t} H_ts w_s.
+      cross: H[S, S], or None if `rhs` already holds all of Σ_{s≤t} H_ts w_s (or H = G, with
+        `difference`).
       dead: (n,) bool.
       alphabet: per-neuron alphabet (leading axis N1).
       block_size: B.
       leaf_size: runs of at most this many inputs go to the scan.
+      difference: H = G (`cross` is None): the targets are Σ_{s≤t} G_ts w_s.
       offset: the index of S's first input in the layer.
 
     Returns:
@@ -199,8 +208,9 @@ def _greedy_segment(
     """
     n = w.shape[0]
     if n <= leaf_size:
-        if cross is not None:
-            rhs = rhs + jnp.matmul(jnp.tril(cross), w, precision=_HIGHEST)
+        own = gram if difference else cross
+        if own is not None:
+            rhs = rhs + jnp.matmul(jnp.tril(own), w, precision=_HIGHEST)
         quantize = jax.vmap(
             functools.partial(_neuron_gram, block_size=block_size, offset=offset),
             in_axes=(1, 1, None, None, 0),
@@ -209,7 +219,9 @@ def _greedy_segment(
         return quantize(w, rhs, gram, dead, alphabet)
     half = math.ceil(n / 2 / block_size) * block_size
     first, second = slice(None, half), slice(half, None)
-    recurse = functools.partial(_greedy_segment, block_size=block_size, leaf_size=leaf_size)
+    recurse = functools.partial(
+        _greedy_segment, block_size=block_size, leaf_size=leaf_size, difference=difference
+    )
 
     def part(matrix, rows, cols):
         return None if matrix is None else matrix[rows, cols]
@@ -223,7 +235,10 @@ def _greedy_segment(
         alphabet,
         offset=offset,
     )
-    update = -jnp.matmul(gram[second, first], q_first, precision=_HIGHEST)
+    if difference:
+        update = jnp.matmul(gram[second, first], w[first] - q_first, precision=_HIGHEST)
+    else:
+        update = -jnp.matmul(gram[second, first], q_first, precision=_HIGHEST)
     if cross is not None:
         update = update + jnp.matmul(cross[second, first], w[first], precision=_HIGHEST)
     q_second = recurse(
@@ -247,6 +262,7 @@ def _greedy(
     *,
     block_size: int,
     dead_tol: float,
+    difference: bool = False,
 ) -> jax.Array:
     """Pads N0 to a multiple of the block size and runs `_greedy_segment` on all inputs."""
     n0, n1 = w.shape
@@ -269,6 +285,7 @@ def _greedy(
         _per_neuron(alphabet, n1),
         block_size=block,
         leaf_size=LEAF_BLOCKS * block,
+        difference=difference,
     )
     return q[:n0].astype(w.dtype)
 

@@ -7,10 +7,25 @@ with U the upper Cholesky factor of H⁻¹ (H⁻¹ = UᵀU),
     q_t = Q(w_t),      e_t = (w_t - q_t) / U_tt,      w_s ← w_s - U_ts e_t   for s > t,
 
 where w_t is row t of W (one weight per neuron; all neurons are handled at once). As in the
-GPTQ paper, H is damped by `damping`·mean(diag H) and the updates are applied in "lazy batch"
-blocks: a scan inside a block of B inputs, one matrix product for the inputs after it. With
-`act_order`, the inputs are visited by decreasing H_tt (GPTQ's "act-order" heuristic); a
-group-wise alphabet still gives input t the step of its own group.
+GPTQ paper, H is damped by λ = `damping`·mean(diag H). With `act_order`, the inputs are visited
+by decreasing H_tt (GPTQ's "act-order" heuristic); a group-wise alphabet still gives input t the
+step of its own group.
+
+qjax computes the same codes from one factorization. U = R⁻¹ for the reversed Cholesky factor
+H = RRᵀ (R upper triangular), and the updated weight input t is rounded from is
+
+    w^(t-1)_t = w_t + Σ_{s<t} R_st (w_s - q_s) / R_tt,
+
+the nearest-plane recursion of `qjax.methods.hessian` with targets Σ_{s≤t} S_ts w_s. It runs in
+GPFQ's blocked scan (`block_size` inputs per block, matrix products of S with W - Q between
+blocks): a Cholesky factorization and the work of one N0²·N1 product, where GPTQ's reference
+implementation computes H⁻¹, factors it, and multiplies by U.
+
+Damping escalation. Collinear or dead inputs (or fewer rows than inputs) make G singular, and in
+float32 G + λI may then fail to factor (JAX returns NaN rather than raising). λ is raised tenfold
+while it does (`qjax.methods.hessian.MAX_DAMPING_RAISES` times at most); if G + λI still cannot
+be factored, `quantize` raises an error saying the damping tried and what to do. Dead inputs
+(G_tt = 0) get H_tt = 1 (they are uncoupled) and q_t = Q(0).
 
 GPTQ matches X~W (the quantized network's inputs through the float weights) while GPFQ matches
 XW (the float network's output); both read G = X~ᵀX~ from the same `GramStats`.
@@ -27,25 +42,15 @@ from jax.typing import ArrayLike
 
 from qjax.alphabets import AnyAlphabet
 from qjax.checks import check_positive_int
+from qjax.methods import hessian
 from qjax.methods.base import QuantizationMethod
+from qjax.methods.gpfq import _greedy
 from qjax.stats import GramStats
 
 __all__ = ["GPTQ", "gptq_from_stats"]
 
 DEFAULT_DAMPING = 0.01
 DEFAULT_BLOCK_SIZE = 128
-_HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def _inverse_hessian_factor(gram: jax.Array, damping: float) -> tuple[jax.Array, jax.Array]:
-    """U (upper, H⁻¹ = UᵀU) of the damped Hessian; dead inputs (G_tt = 0) get H_tt = 1."""
-    diag = jnp.diagonal(gram)
-    dead = diag <= 0
-    hessian = gram + jnp.diag(jnp.where(dead, 1.0, 0.0))
-    mean_diag = jnp.mean(jnp.diagonal(hessian))
-    hessian = hessian + damping * mean_diag * jnp.eye(gram.shape[0], dtype=gram.dtype)
-    # H⁻¹ = LLᵀ (Cholesky), so U = Lᵀ is upper triangular with H⁻¹ = UᵀU.
-    return jnp.linalg.cholesky(jnp.linalg.inv(hessian)).T, dead
 
 
 def _gptq_matrix(
@@ -58,41 +63,27 @@ def _gptq_matrix(
     act_order: bool,
 ) -> jax.Array:
     """GPTQ of one (N0, N1) matrix with Gram matrix (N0, N0)."""
-    n0 = w.shape[0]
-    order = jnp.argsort(-jnp.diagonal(gram), stable=True) if act_order else jnp.arange(n0)
-    w, gram = w[order], gram[order][:, order]
-    u, dead = _inverse_hessian_factor(gram, damping)
-    w = jnp.where(dead[:, None], 0.0, w)
-    num_blocks = -(-n0 // block_size)
-    pad = num_blocks * block_size - n0
-    # Padding inputs have U = identity there and no coupling to the real inputs.
-    w = jnp.pad(w, ((0, pad), (0, 0)))
-    u = jnp.pad(u, ((0, pad), (0, pad))) + jnp.diag(jnp.arange(n0 + pad) >= n0).astype(u.dtype)
-    inputs = jnp.pad(order, (0, pad), mode="edge")  # each position's input index in the layer
-
-    def input_step(w_block, step):
-        u_row, u_diag, j, t = step
-        q_j = alphabet.for_input(t).project(w_block[j])
-        e_j = (w_block[j] - q_j) / u_diag
-        return w_block - jnp.outer(u_row, e_j), (q_j, e_j)
-
-    def block_step(b, carry):
-        w, q = carry
-        start = b * block_size
-        w_block = jax.lax.dynamic_slice_in_dim(w, start, block_size, axis=0)
-        u_rows = jax.lax.dynamic_slice_in_dim(u, start, block_size, axis=0)  # (B, N0 + pad)
-        u_block = jax.lax.dynamic_slice_in_dim(u_rows, start, block_size, axis=1)
-        block_inputs = jax.lax.dynamic_slice_in_dim(inputs, start, block_size)
-        steps = (u_block, jnp.diagonal(u_block), jnp.arange(block_size), block_inputs)
-        _, (q_block, errors) = jax.lax.scan(input_step, w_block, steps)
-        # Later inputs absorb the block's errors: w_s -= Σ_t U_ts e_t (U is upper triangular, so
-        # earlier rows are untouched and the block's own rows are finished already).
-        w = w - jnp.matmul(u_rows.T, errors, precision=_HIGHEST)
-        q = jax.lax.dynamic_update_slice_in_dim(q, q_block, start, axis=0)
-        return w, q
-
-    _, q = jax.lax.fori_loop(0, num_blocks, block_step, (w, jnp.zeros_like(w)))
-    return jnp.zeros_like(q[:n0]).at[order].set(q[:n0])
+    if act_order:
+        order = jnp.argsort(-jnp.diagonal(gram), stable=True)
+        w, gram = w[order], gram[order][:, order]
+        alphabet = hessian.input_alphabet(alphabet, order, w)
+    dead = jnp.diagonal(gram) <= 0
+    base = gram + jnp.diag(dead.astype(gram.dtype))
+    _, r = hessian.damped_factor(base, damping * jnp.mean(jnp.diagonal(base)))
+    # A dead input's weight is 0 (NaN stays NaN), so q_t = Q(0) there.
+    w = jnp.where(dead[:, None] & ~jnp.isnan(w), 0.0, w)
+    coupling = hessian.nearest_plane_coupling(r)
+    q = _greedy(
+        w,
+        jnp.zeros_like(w),
+        coupling,
+        None,
+        alphabet,
+        block_size=block_size,
+        dead_tol=0.0,
+        difference=True,
+    )
+    return jnp.zeros_like(q).at[order].set(q) if act_order else q
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -101,7 +92,7 @@ class GPTQ(QuantizationMethod):
 
     Attributes:
       damping: λ, added as λ·mean(diag G) to the diagonal of G (GPTQ's "percdamp").
-      block_size: inputs per lazy-batch block (a speed knob only).
+      block_size: inputs per block of the scan (a speed knob only).
       act_order: visit the inputs by decreasing G_tt (GPTQ's "act-order"), not in layer order.
     """
 
@@ -115,6 +106,9 @@ class GPTQ(QuantizationMethod):
         if not self.damping > 0:
             raise ValueError(f"damping must be positive, got {self.damping}")
         check_positive_int("block_size", self.block_size)
+
+    def numerical_failure(self, stats: GramStats) -> str:
+        return hessian.failure_message(stats, self.damping, "mean(diag G)")
 
     def quantize_matrix(self, w: jax.Array, stats: GramStats, alphabet: AnyAlphabet) -> jax.Array:
         return _gptq_matrix(

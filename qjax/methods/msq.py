@@ -15,7 +15,7 @@ from jax.typing import ArrayLike
 
 from qjax.alphabets import AnyAlphabet
 from qjax.checks import check_finite
-from qjax.methods.base import QuantizationMethod
+from qjax.methods.base import QuantizationMethod, nearest_letter
 from qjax.stats import GramStats
 
 __all__ = ["MSQ", "msq"]
@@ -23,14 +23,14 @@ __all__ = ["MSQ", "msq"]
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MSQ(QuantizationMethod):
-    """Round each weight to its nearest letter: Q(w), the statistics unused."""
+    """Round each weight to its nearest letter: Q(w), the statistics unused (NaN stays NaN)."""
 
     name: ClassVar[str] = "msq"
     uses_float_inputs: ClassVar[bool] = False
 
     def quantize_matrix(self, w: jax.Array, stats: GramStats, alphabet: AnyAlphabet) -> jax.Array:
         del stats
-        return alphabet.project(w)
+        return nearest_letter(alphabet, w)
 
 
 def msq(w: ArrayLike, alphabet: AnyAlphabet) -> jax.Array:
@@ -42,8 +42,8 @@ def msq(w: ArrayLike, alphabet: AnyAlphabet) -> jax.Array:
       alphabet: the alphabet A.
 
     Returns:
-      Q(w), same shape and dtype as w.
+      Q(w), same shape and dtype as w (NaN where a traced w is NaN).
     """
     w = jnp.asarray(w)
     check_finite("w", w)
-    return alphabet.project(w)
+    return nearest_letter(alphabet, w)

@@ -57,8 +57,9 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from qjax.alphabets import AnyAlphabet, UniformAlphabet
+from qjax.alphabets import AnyAlphabet
 from qjax.checks import check_positive_int
+from qjax.methods import hessian
 from qjax.methods.base import QuantizationMethod
 from qjax.methods.gpfq import gpfq_from_targets
 from qjax.stats import GramStats
@@ -70,8 +71,6 @@ DEFAULT_BLOCK_SIZE = 64
 # Power-iteration steps for ||G||₂ (Brevitas's count), from the unit vector of the largest G_tt,
 # so that the estimate is at least max_t G_tt.
 POWER_ITERATIONS = 30
-# λ is raised tenfold at most this many times when the float32 Cholesky factorization fails.
-MAX_DAMPING_RAISES = 8
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -92,44 +91,6 @@ def largest_eigenvalue(gram: jax.Array) -> jax.Array:
     return jnp.dot(v, jnp.matmul(gram, v, precision=_HIGHEST), precision=_HIGHEST)
 
 
-def _reversed_cholesky(matrix: jax.Array) -> jax.Array:
-    """R upper triangular with M = RRᵀ (the Cholesky factor of M with the inputs reversed)."""
-    return jax.lax.linalg.cholesky(matrix[::-1, ::-1], symmetrize_input=False)[::-1, ::-1]
-
-
-def _damped_factor(gram: jax.Array, dead: jax.Array, damping: float):
-    """λ = α·||G||₂ and R with G + λI = RRᵀ; λ rises tenfold while the factorization fails.
-
-    Dead inputs get 1 added to their diagonal (they are uncoupled, so any positive value works),
-    which keeps M positive definite even when G = 0 and λ = 0.
-    """
-    base = gram + jnp.diag(dead.astype(gram.dtype))
-    eye = jnp.eye(gram.shape[0], dtype=gram.dtype)
-
-    def factor(lam):
-        return _reversed_cholesky(base + lam * eye)
-
-    def failed(state):  # a failed factorization is all NaN
-        _, r, raises = state
-        return ~jnp.all(jnp.isfinite(jnp.diagonal(r))) & (raises < MAX_DAMPING_RAISES)
-
-    def raise_damping(state):
-        lam, _, raises = state
-        return 10 * lam, factor(10 * lam), raises + 1
-
-    lam = damping * largest_eigenvalue(gram)
-    lam, r, _ = jax.lax.while_loop(failed, raise_damping, (lam, factor(lam), 0))
-    return lam, r
-
-
-def _input_alphabet(alphabet: AnyAlphabet, order: jax.Array, w: jax.Array) -> AnyAlphabet:
-    """The alphabet in visiting order: a group-wise step becomes one row per visited input."""
-    if not isinstance(alphabet, UniformAlphabet) or alphabet.group_size is None:
-        return alphabet
-    rows = alphabet._step_for(w)[order]  # (N0, N1), row k: the step of the k-th visited input
-    return UniformAlphabet(rows, alphabet.size, group_size=1)
-
-
 def _qronos_matrix(
     w: jax.Array,
     gram: jax.Array,
@@ -144,25 +105,27 @@ def _qronos_matrix(
     if act_order:
         order = jnp.argsort(-jnp.diagonal(gram), stable=True)
         w, gram, cross = w[order], gram[order][:, order], cross[order][:, order]
-        alphabet = _input_alphabet(alphabet, order, w)
+        alphabet = hessian.input_alphabet(alphabet, order, w)
     diag = jnp.diagonal(gram)
     dead = diag <= 0
-    lam, r = _damped_factor(gram, dead, damping)
+    # Dead inputs get 1 on their diagonal (they are uncoupled, so any positive value works),
+    # which keeps M positive definite even when G = 0 and λ = 0.
+    base = gram + jnp.diag(dead.astype(gram.dtype))
+    lam, r = hessian.damped_factor(base, damping * largest_eigenvalue(gram))
 
     # b = (H + λI)w; a dead input's zero target makes its auxiliary weight 0, so q_t = Q(0).
     b = jnp.matmul(cross, w, precision=_HIGHEST) + lam * w
-    b = jnp.where(dead[:, None], 0.0, b)
+    b = jnp.where(dead[:, None] & ~jnp.isnan(b), 0.0, b)
 
     # Steps 2..N0 (shape the future): the nearest-plane recursion on M = RRᵀ.
-    r_diag = jnp.diagonal(r)
-    targets = r_diag[:, None] * jax.scipy.linalg.solve_triangular(r, b, lower=False)
-    lower = r_diag[:, None] * r.T  # S_ts = R_tt R_st for s ≤ t
-    coupling = lower + lower.T - jnp.diag(r_diag * r_diag)  # symmetric, as the scan reads rows
+    targets = jnp.diagonal(r)[:, None] * jax.scipy.linalg.solve_triangular(r, b, lower=False)
+    coupling = hessian.nearest_plane_coupling(r)
 
     # Step 1 (correct the past): hold the later inputs at w, fit input 1 to Xw. With S_11 = 1 and
     # T_1 this argument, the recursion rounds it as it is, then carries q_1 into the later inputs.
     later_sum = jnp.matmul(gram[0], w, precision=_HIGHEST) - diag[0] * w[0]
-    argument = jnp.where(dead[0], 0.0, (b[0] - later_sum) / (diag[0] + lam))
+    numerator = b[0] - later_sum  # 0 for a dead input (NaN for NaN weights)
+    argument = jnp.where(dead[0], numerator, numerator / jnp.where(dead[0], 1, diag[0] + lam))
     targets = targets.at[0].set(argument)
     coupling = coupling.at[0, 0].set(1.0)
     q = gpfq_from_targets(w, targets, coupling, alphabet, block_size=block_size, dead_tol=0.0)
@@ -188,6 +151,9 @@ class Qronos(QuantizationMethod):
         if not self.damping > 0:
             raise ValueError(f"damping must be positive, got {self.damping}")
         check_positive_int("block_size", self.block_size)
+
+    def numerical_failure(self, stats: GramStats) -> str:
+        return hessian.failure_message(stats, self.damping, "||G||₂")
 
     def quantize_matrix(self, w: jax.Array, stats: GramStats, alphabet: AnyAlphabet) -> jax.Array:
         return _qronos_matrix(w, stats.gram, stats.cross, alphabet, **dataclasses.asdict(self))
