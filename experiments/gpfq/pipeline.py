@@ -127,11 +127,12 @@ def sweep(
 
     A rerun (after a kill, or with more methods, alphabets or C values under
     `config.allow_config_change`) reads the rows it has and computes only the others. A row is
-    found again only under the same config (all fields but `GRID_FIELDS`) and model width.
+    found again only under the same config (all fields but `GRID_FIELDS`), model width and
+    qjax (version and commit, `common.library_key`).
     """
     folder = work.file("sweep")
     os.makedirs(folder, exist_ok=True)
-    key = common.fingerprint(config, ignore=GRID_FIELDS)[:16]
+    key = common.fingerprint(config, ignore=GRID_FIELDS)[:16] + "_" + common.library_key()
     rows, reused = [], 0
     for method, n, c in itertools.product(methods, levels, config.c_values):
         name = f"{method.replace(':', '-')}_{n}_c{c:g}_w{width_scale:g}_{key}.json"
