@@ -47,6 +47,7 @@ import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -62,6 +63,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from tqdm import tqdm
 
+import qjax
 from qjax import data
 
 __all__ = [
@@ -621,6 +623,33 @@ def machine() -> dict[str, Any]:
     }
 
 
+def library() -> dict[str, Any]:
+    """The qjax that produced a result: its version, and its git commit when qjax is imported
+    from a git checkout ("dirty" when that checkout has uncommitted changes), else None."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(qjax.__file__)))
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(
+                ["git", "-C", root, *args], capture_output=True, text=True, check=True
+            )
+        except (OSError, subprocess.CalledProcessError):
+            return None
+        return done.stdout.strip()
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"version": qjax.__version__, "commit": commit, "dirty": bool(status)}
+
+
+def library_key() -> str:
+    """A short key for caches of results: qjax's version and commit (and whether it was dirty),
+    so that a cached result is never reused by another library."""
+    info = library()
+    text = f"{info['version']}:{info['commit']}:{info['dirty']}"
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, np.generic | jax.Array):
         return np.asarray(value).tolist()
@@ -630,7 +659,8 @@ def _json_default(value: Any) -> Any:
 def write_results(
     workdir: Workdir, results: dict, markdown: str, config: ml_collections.ConfigDict
 ) -> dict:
-    """Write results.json and results.md, both with the command, the config and the machine.
+    """Write results.json and results.md, both with the command, the config, the machine and
+    qjax's version and commit.
 
     Args:
       workdir: the experiment's workdir.
@@ -639,17 +669,27 @@ def write_results(
       config: the experiment's config.
 
     Returns:
-      `results` with "command", "config" and "machine" added (what results.json holds).
+      `results` with "command", "config", "machine" and "qjax" (version and commit, see
+      `library`) added (what results.json holds).
     """
     command = "python -m " + shlex.join([_module_name(), *sys.argv[1:]])
-    results = {**results, "command": command, "config": config.to_dict(), "machine": machine()}
+    results = {
+        **results,
+        "command": command,
+        "config": config.to_dict(),
+        "machine": machine(),
+        "qjax": library(),
+    }
     with open(workdir.file("results.json"), "w") as file:
         json.dump(results, file, indent=1, default=_json_default)
-    info = results["machine"]
+    info, lib = results["machine"], results["qjax"]
+    commit = "not a git checkout" if lib["commit"] is None else f"commit {lib['commit']}"
     header = (
         f"Command: `{command}`\n\n"
         f"Machine: {info['platform']}, {info['cpu_count']} CPUs, "
         f"JAX {info['jax']} on {', '.join(info['devices'])}\n\n"
+        f"qjax {lib['version']}, {commit}{' (with uncommitted changes)' if lib['dirty'] else ''}"
+        "\n\n"
     )
     with open(workdir.file("results.md"), "w") as file:
         file.write(header + markdown)

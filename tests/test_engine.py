@@ -241,20 +241,6 @@ def test_bad_calibration_raises(lm):
         qjax.quantize_model(model, calibration, progress=False)
 
 
-def test_group_wise_alphabets_through_the_engine(lm):
-    _, _, module, calibration = lm
-    spec = LayerSpec(method="gpfq", bits=2, group_size=4)
-    new, _ = qjax.quantize_model(module, calibration, spec=spec, progress=False)
-    fc2 = np.asarray(new.blocks.fc2.kernel.get_value()[0])  # (2D, D): groups of 4 inputs
-    for group in range(fc2.shape[0] // 4):
-        rows = fc2[4 * group : 4 * group + 4]
-        for column in rows.T:  # each group and column: at most 4 letters, equally spaced
-            assert len(np.unique(column)) <= 4
-    # Different groups of one column have different steps.
-    steps = {float(np.round(np.min(np.abs(fc2[4 * g : 4 * g + 4, 0])), 6)) for g in range(4)}
-    assert len(steps) > 1
-
-
 # ------------------------------------------------------------------------------------------
 # One paired pass against layer by layer.
 # ------------------------------------------------------------------------------------------
@@ -300,35 +286,6 @@ def test_second_call_reuses_the_compiled_pass(lm):
         first = pass_fn.cache_info()
         qjax.quantize_model(*args, spec=LayerSpec(method="gptq", bits=4), progress=False)
         assert pass_fn.cache_info()[:2] == (first.hits + 1, first.misses)
-
-
-def test_streamed_calibration_and_mesh_run_layer_by_layer(lm, monkeypatch):
-    from qjax.adapters.nnx import NNXAdapter
-
-    _, _, module, calibration = lm
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("paired_pass called")
-
-    monkeypatch.setattr(NNXAdapter, "paired_pass", refuse)
-    qjax.quantize_model(module, lambda: iter(calibration), progress=False)  # streamed
-    with pytest.raises(AssertionError, match="paired_pass called"):
-        qjax.quantize_model(module, calibration, progress=False)
-    with pytest.raises(ValueError, match="one_pass=True runs on one device"):
-        qjax.quantize_model(
-            module, calibration, one_pass=True, mesh=qjax.make_mesh(), progress=False
-        )
-
-
-def test_fixed_alphabet_in_one_pass(lm):
-    """A spec holding arrays (a fixed alphabet) cannot key a compilation cache; it still runs."""
-    _, _, module, calibration = lm
-    alphabet = qjax.alphabets.UniformAlphabet(step=jnp.asarray(0.25), size=4)
-    rules = [("blocks/.*", LayerSpec(alphabet=alphabet)), ("head", LayerSpec(method="skip"))]
-    new, reports = qjax.quantize_model(module, calibration, rules=rules, progress=False)
-    letters = {-0.375, -0.125, 0.125, 0.375}
-    assert set(np.unique(np.asarray(new.blocks.fc1.kernel.get_value())).tolist()) <= letters
-    assert reports[-1].method == "skip"
 
 
 def test_convolution_rows_are_summed_in_chunks(monkeypatch):

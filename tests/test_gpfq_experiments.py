@@ -155,3 +155,37 @@ def test_real_mnist_accuracy_bounds(tmp_path):
     assert all(gpfq[level] >= msq[level] for level in gpfq)
     assert gpfq["4-bit"] >= float_accuracy - 0.5
     assert gpfq["ternary"] >= float_accuracy - 2.0
+
+
+def test_seeds_report_mean_and_std_over_their_own_choices_of_c(tmp_path):
+    """Each seed trains its own model (own workdir), chooses its own C on its own validation
+    split, and the table reports the mean ± std of those seeds' test accuracies; the moved test
+    images are the same for every seed."""
+    config = shrink(mnist_embedded.get_config("tiny"))
+    config.methods = ("gpfq", "msq")
+    config.c_values = (2.0, 4.0)
+    config.width_scales = ()
+    config.seeds = (0, 1, 2)
+    config.test_from_train = 64
+    results = pipeline.run(config, str(tmp_path))
+    assert results["test_examples"] == config.max_test_examples + 64
+    assert results["train_examples"] + results["valid_examples"] == 256 - 64
+    seeds = results["seeds"]
+    assert seeds["seeds"] == [0, 1, 2]
+    float_values = []
+    for seed in (0, 1, 2):
+        seed_results = pipeline.run(
+            pipeline.with_seed(config, seed), str(tmp_path / f"seed_{seed}")
+        )  # reads the seed's own workdir: nothing is trained or quantized again
+        float_values.append(seed_results["float_accuracy"])
+        for method in config.methods:
+            [chosen] = seed_results["chosen_on_valid"][method]
+            [summary] = seeds["chosen_on_valid"][method]
+            assert summary["values"][seed] == chosen["test_accuracy"]
+            assert summary["c"][seed] == chosen["c"]
+    assert seeds["float"]["values"] == float_values
+    np.testing.assert_allclose(seeds["float"]["std"], np.std(float_values, ddof=1))
+    assert len(set(float_values)) > 1  # the seeds do draw different models
+    [gpfq] = seeds["chosen_on_valid"]["gpfq"]
+    table = (tmp_path / "results.md").read_text()
+    assert f"| GPFQ | {gpfq['mean']:.2f} ± {gpfq['std']:.2f} |" in table

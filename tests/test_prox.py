@@ -49,10 +49,20 @@ def test_binary_prox_is_the_minimizer_of_the_w_shaped_objective(lam, alpha):
 
 @given(FLOATS, st.floats(0, 5))
 @settings(max_examples=30, deadline=None)
-def test_binary_prox_closed_form(theta, lam):
-    q = np.where(theta >= 0, 1.0, -1.0)
-    expected = q + np.sign(theta - q) * np.maximum(np.abs(theta - q) - np.float32(lam), 0)
-    np.testing.assert_allclose(prox.binary_prox(theta, lam), expected, atol=1e-6)
+def test_binary_prox_attains_the_minimum_of_the_w_shaped_objective(theta, lam):
+    """f(x) = ½(x − θ)² + λ·min|x ± 1| at the prox is no larger than its minimum over a grid
+    (which is at least the true minimum), up to the float32 error of x: |f'(x)|·|Δx| with
+    |Δx| ≤ 2u·(|θ| + λ + 1) (one rounding of θ − q, one of the shrink, one of the sum)."""
+    theta64 = theta.astype(np.float64).reshape(-1, 1)
+    x = np.asarray(prox.binary_prox(theta, lam), np.float64).reshape(-1, 1)
+
+    def objective(v):
+        return 0.5 * (v - theta64) ** 2 + lam * np.minimum(np.abs(v - 1), np.abs(v + 1))
+
+    grid = np.linspace(-4, 4, 8001)[None]
+    slope = np.abs(x - theta64) + lam
+    error = slope * 2 * 2.0**-24 * (np.abs(theta64) + lam + 1)
+    assert np.all(objective(x) <= objective(grid).min(axis=1, keepdims=True) + error)
 
 
 QUANTIZERS = {

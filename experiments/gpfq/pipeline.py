@@ -15,6 +15,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import ml_collections
@@ -112,45 +113,70 @@ def quantize_and_evaluate(
 GRID_FIELDS = ("methods", "num_letters", "c_values", "width_scales", "width_num_letters")
 
 
+class SeedRun(NamedTuple):
+    """One seed's float model, data and calibration sample, and where its models are kept."""
+
+    config: ml_collections.ConfigDict
+    work: common.Workdir
+    splits: train.Splits
+    trained: train.TrainResult
+    calibration: list
+
+
 def sweep(
-    trained: train.TrainResult,
-    splits: train.Splits,
-    calibration: list,
+    runs: list[SeedRun],
     config: ml_collections.ConfigDict,
     *,
-    work: common.Workdir,
     methods: tuple[str, ...],
     levels: tuple[int, ...],
     width_scale: float = 1.0,
-) -> list[dict]:
-    """Every (method, alphabet, C) of the grid, each model's row kept in workdir/sweep/.
+) -> list[list[dict]]:
+    """Every (method, alphabet, C) of the grid for each seed's model, each model's row kept in
+    its workdir's sweep/.
 
-    A rerun (after a kill, or with more methods, alphabets or C values under
-    `config.allow_config_change`) reads the rows it has and computes only the others. A row is
-    found again only under the same config (all fields but `GRID_FIELDS`) and model width.
+    The grid is the outer loop and the seeds the inner one, so that the seeds' models (same
+    shapes, same spec) reuse one compiled quantization pass. A rerun (after a kill, or with
+    more methods, alphabets or C values under `config.allow_config_change`) reads the rows it
+    has and computes only the others. A row is found again only under the same config (all
+    fields but `GRID_FIELDS`), model width and qjax (version and commit,
+    `common.library_key`).
+
+    Returns:
+      For each run, its rows in grid order.
     """
-    folder = work.file("sweep")
-    os.makedirs(folder, exist_ok=True)
-    key = common.fingerprint(config, ignore=GRID_FIELDS)[:16]
-    rows, reused = [], 0
+    keys = []
+    for run in runs:
+        os.makedirs(run.work.file("sweep"), exist_ok=True)
+        fingerprint = common.fingerprint(run.config, ignore=GRID_FIELDS)[:16]
+        keys.append(fingerprint + "_" + common.library_key())
+    rows, reused = [[] for _ in runs], 0
     for method, n, c in itertools.product(methods, levels, config.c_values):
-        name = f"{method.replace(':', '-')}_{n}_c{c:g}_w{width_scale:g}_{key}.json"
-        path = os.path.join(folder, name)
-        if os.path.exists(path):
-            with open(path) as file:
-                text = file.read()
-            reused += 1
-        else:
-            row = quantize_and_evaluate(
-                trained, splits, calibration, config, method=method, num_letters=n, c=c
-            )
-            text = json.dumps(row)
-            with open(path + ".tmp", "w") as file:  # whole or absent, even if killed here
-                file.write(text)
-            os.replace(path + ".tmp", path)
-        rows.append(json.loads(text))  # a new row reads as a reused one (tuples as lists)
+        for i, (run, key) in enumerate(zip(runs, keys, strict=True)):
+            name = f"{method.replace(':', '-')}_{n}_c{c:g}_w{width_scale:g}_{key}.json"
+            path = os.path.join(run.work.file("sweep"), name)
+            if os.path.exists(path):
+                with open(path) as file:
+                    text = file.read()
+                reused += 1
+            else:
+                row = quantize_and_evaluate(
+                    run.trained,
+                    run.splits,
+                    run.calibration,
+                    run.config,
+                    method=method,
+                    num_letters=n,
+                    c=c,
+                )
+                text = json.dumps(row)
+                with open(path + ".tmp", "w") as file:  # whole or absent, even if killed here
+                    file.write(text)
+                os.replace(path + ".tmp", path)
+            rows[i].append(json.loads(text))  # a new row reads as a reused one (tuples as lists)
     if reused:
-        logging.info("%d of %d quantized models read from %s", reused, len(rows), folder)
+        logging.info(
+            "%d of %d quantized models read from the workdirs", reused, sum(map(len, rows))
+        )
     return rows
 
 
@@ -165,6 +191,48 @@ def choose(rows: list[dict], method: str, num_letters: int, *, by: str) -> dict:
     """
     candidates = [r for r in rows if r["method"] == method and r["num_letters"] == num_letters]
     return max(candidates, key=lambda r: r[by])
+
+
+def with_seed(config: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
+    """The config of one seed: `seed` draws the float training (initialization, batch order),
+    the validation hold-out and the calibration sample."""
+    seeded = ml_collections.ConfigDict(config.to_dict())
+    seeded.seed = seed
+    seeded.calibration_seed = seed
+    seeded.seeds = ()
+    return seeded
+
+
+def mean_std(values: list[float]) -> dict:
+    """Mean and sample standard deviation (ddof = 1) of the seeds' values."""
+    values = [float(v) for v in values]
+    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)), "values": values}
+
+
+def seeds_summary(
+    runs: list[SeedRun], all_rows: list[list[dict]], methods: tuple[str, ...], levels: tuple
+) -> dict:
+    """Test accuracy over the seeds, each at the C its own validation split chose."""
+    return {
+        "seeds": [run.config.seed for run in runs],
+        "float": mean_std([run.trained.test_accuracy for run in runs]),
+        "chosen_on_valid": {
+            m: [
+                {
+                    "level": level_label(n),
+                    "c": [choose(rows, m, n, by="valid_accuracy")["c"] for rows in all_rows],
+                    **mean_std(
+                        [
+                            choose(rows, m, n, by="valid_accuracy")["test_accuracy"]
+                            for rows in all_rows
+                        ]
+                    ),
+                }
+                for n in levels
+            ]
+            for m in methods
+        },
+    }
 
 
 def run(
@@ -185,11 +253,25 @@ def run(
     """
     work = common.open_workdir(config, workdir, on_checkpoint=on_checkpoint)
     start = time.perf_counter()
-    splits = train.load_splits(config)
-    trained = train.train_and_evaluate(config, work, splits=splits)
-    calibration = calibration_batches(splits, config)
+    seeds = tuple(config.seeds) or (config.seed,)
+    runs = []
+    for seed in seeds:
+        seeded = with_seed(config, seed)
+        # Several seeds: each has its own workdir (checkpoints, sweep rows) inside this one.
+        seed_work = (
+            work
+            if len(seeds) == 1
+            else common.open_workdir(seeded, work.file(f"seed_{seed}"), on_checkpoint=on_checkpoint)
+        )
+        splits = train.load_splits(seeded)
+        trained = train.train_and_evaluate(seeded, seed_work, splits=splits)
+        runs.append(
+            SeedRun(seeded, seed_work, splits, trained, calibration_batches(splits, seeded))
+        )
     methods, levels = tuple(config.methods), tuple(config.num_letters)
-    rows = sweep(trained, splits, calibration, config, work=work, methods=methods, levels=levels)
+    all_rows = sweep(runs, config, methods=methods, levels=levels)
+    first, rows = runs[0], all_rows[0]
+    splits, trained, calibration = first.splits, first.trained, first.calibration
     summary = ("level", "c", "valid_accuracy", "test_accuracy")
     # Per-layer errors at the coarsest alphabet, where the methods differ most.
     error_level = levels[0]
@@ -203,6 +285,7 @@ def run(
         "valid_examples": len(splits.valid.labels),
         "test_examples": len(splits.test.labels),
         "calibration_examples": sum(len(b) for b in calibration),
+        "seed": seeds[0],
         "float_valid_accuracy": trained.valid_accuracy,
         "float_accuracy": trained.test_accuracy,
         "level_labels": [level_label(n) for n in levels],
@@ -222,14 +305,13 @@ def run(
         "width": [],
         "width_level": level_label(config.width_num_letters),
     }
+    if len(seeds) > 1:
+        results["seeds"] = seeds_summary(runs, all_rows, methods, levels)
     for scale in config.width_scales:
-        wide = train.train_and_evaluate(config, work, splits=splits, width_scale=scale)
-        wide_rows = sweep(
-            wide,
-            splits,
-            calibration,
+        wide = train.train_and_evaluate(first.config, first.work, splits=splits, width_scale=scale)
+        [wide_rows] = sweep(
+            [first._replace(trained=wide)],
             config,
-            work=work,
             methods=("gpfq", "msq"),
             levels=(config.width_num_letters,),
             width_scale=scale,
@@ -248,6 +330,25 @@ def run(
         )
     results["total_seconds"] = time.perf_counter() - start
     return write_outputs(results, config, work)
+
+
+def seeds_markdown(seeds: dict, labels: list[str]) -> list[str]:
+    """The table of means ± standard deviations over the seeds."""
+    n, f = len(seeds["seeds"]), seeds["float"]
+    lines = [
+        f"Over {n} seeds ({', '.join(map(str, seeds['seeds']))}: each seed draws the float "
+        "training, the validation hold-out and the calibration sample), test accuracy (%), mean ± "
+        "standard deviation over the seeds, each seed at the C its validation split chose. The "
+        "test images are the same for every seed.",
+        "",
+        "| method | " + " | ".join(labels) + " |",
+        "|---" * (len(labels) + 1) + "|",
+        f"| float | {f['mean']:.2f} ± {f['std']:.2f} |" + " |" * (len(labels) - 1),
+    ]
+    for method, cells in seeds["chosen_on_valid"].items():
+        text = [f"{c['mean']:.2f} ± {c['std']:.2f}" for c in cells]
+        lines.append(f"| {method_label(method)} | " + " | ".join(text) + " |")
+    return lines
 
 
 def markdown(results: dict, config: ml_collections.ConfigDict) -> str:
@@ -270,6 +371,8 @@ def markdown(results: dict, config: ml_collections.ConfigDict) -> str:
         "| method | " + " | ".join(labels) + " |",
         "|---" * (len(labels) + 1) + "|",
     ]
+    if "seeds" in results:  # the seeds' table first; the tables below are the first seed's
+        lines[2:2] = [*seeds_markdown(results["seeds"], labels), "", f"Seed {results['seed']}:"]
     for method, rows in results["chosen_on_valid"].items():
         cells = [
             f"{r['test_accuracy']:.2f} (C={r['c']:g}) [{b['test_accuracy']:.2f}, C={b['c']:g}]"

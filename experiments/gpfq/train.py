@@ -30,6 +30,8 @@ class TrainResult(NamedTuple):
     test_accuracy: float
 
 
+# Draws the training images that `config.test_from_train` moves to the test split.
+TEST_SPLIT_SEED = 12345
 NORMALIZATION = {
     "mnist": (data.MNIST_MEAN, data.MNIST_STD),
     "cifar10": (data.CIFAR10_MEAN, data.CIFAR10_STD),
@@ -41,7 +43,8 @@ def load_splits(config: ml_collections.ConfigDict) -> Splits:
 
     The first config.max_train_examples training images (0: all) are split into training and
     config.validation_size validation images (drawn with config.seed); the test split is cut to
-    config.max_test_examples.
+    config.max_test_examples, then config.test_from_train training images (drawn with
+    `TEST_SPLIT_SEED`, the same for every seed) are moved to it.
     """
     loaded = data.load_splits(
         config.dataset, data_dir=config.data_dir or None, source=config.data_source
@@ -51,6 +54,12 @@ def load_splits(config: ml_collections.ConfigDict) -> Splits:
     )
     train = cut(loaded["train"], config.max_train_examples)
     test = cut(loaded["test"], config.max_test_examples)
+    if config.test_from_train:
+        train, moved = common.hold_out(train, config.test_from_train, seed=TEST_SPLIT_SEED)
+        test = test._replace(
+            images=np.concatenate([test.images, moved.images]),
+            labels=np.concatenate([test.labels, moved.labels]),
+        )
     train, valid = common.hold_out(train, config.validation_size, seed=config.seed)
     return Splits(train, valid, test)
 

@@ -20,6 +20,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Held out of the training images (drawn with config.seed): every choice (C) is made on it;
     # the test split is only reported.
     config.validation_size = 5000
+    # Training images moved to the test split (drawn once, the same for every seed), for small
+    # datasets whose test split is too small to rank methods. 0: none.
+    config.test_from_train = 0
     # Model.
     config.model = "mlp"
     config.width_scale = 1.0  # MLP 784 → 500 → BN → 300 → BN → 10
@@ -28,6 +31,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Float training: AdamW, learning rate by `schedule`: "cosine" (decay from learning_rate) or
     # "onecycle" (warm-up to learning_rate, then down).
     config.seed = 0
+    # Several seeds: each draws the float training, the validation hold-out and the calibration
+    # sample (config.seed and calibration_seed are then ignored); results report the mean ± std
+    # over the seeds. (): config.seed alone.
+    config.seeds = ()
     config.epochs = 10
     config.batch_size = 128
     config.schedule = "cosine"
