@@ -337,3 +337,30 @@ def test_non_finite_weights_inputs_and_token_ids_are_named(linen, nnx_model):
     x = jax.random.normal(jax.random.key(0), (8, 3))
     with pytest.raises(ValueError, match=r"batch 1: the input of layer fc1 holds NaN or Inf"):
         qjax.quantize_model(Overflow(), [x[:4], x[4:].at[1, 0].set(0.0)], progress=False)
+
+
+def test_report_alphabets_and_export_with_defaults(linen, nnx_model):
+    """Each report row carries the alphabet its layer was quantized to; `export_params` with its
+    defaults packs the kernels and leaves the float embeddings out."""
+    model, variables = linen
+    batches = _dict_batches()
+    quantized, reports = qjax.quantize_model(model, variables, batches, spec=SPEC, progress=False)
+    params = nn.meta.unbox(variables)["params"]
+    for report in reports:
+        expected = alphabets.for_weights(
+            params[report.path]["kernel"], c=1.0, bits=2, rule="max", per_channel=True
+        )
+        assert report.num_letters == report.alphabet.size == 4
+        jax.tree.map(np.testing.assert_array_equal, report.alphabet, expected)
+    nnx_quantized = qjax.quantize_model(nnx_model, batches, spec=SPEC, progress=False)[0]
+    for tree, kernels in (
+        (quantized, {"params/fc0/kernel", "params/fc1/kernel", "params/head/kernel"}),
+        (nnx.state(nnx_quantized), {"fcs/0/kernel", "fcs/1/kernel", "head/kernel"}),
+    ):
+        packed = qjax.export.export_params(tree)
+        is_packed = lambda leaf: isinstance(leaf, qjax.export.QuantizedArray)
+        leaves = jax.tree_util.tree_leaves_with_path(packed, is_leaf=is_packed)
+        assert {path_name(p) for p, leaf in leaves if is_packed(leaf)} == kernels
+        for p, leaf in leaves:  # the embeddings, like every other leaf, as they were
+            if path_name(p).endswith("embedding"):
+                assert isinstance(leaf, jax.Array)
