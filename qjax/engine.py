@@ -68,7 +68,10 @@ class LayerReport(NamedTuple):
       path: the layer's path, e.g. "Dense_0", "blocks/attn/query"; a slice of a stacked layer
         has its index appended, "blocks/mlp/fc1[3]" ("" for a model that is a layer itself).
       kind: the layer kind ("Dense", "DenseGeneral", "Einsum", "Conv").
-      method: the method's name ("skip": left float, no error computed).
+      method: the method's name ("skip": left float, no error computed; "not reached": a
+        floating variable that enters a matrix product in the forward pass but is not the
+        kernel of a layer qjax knows, listed after the layers under its variable path: register
+        its module with `qjax.register_layer` to quantize it).
       shape: the kernel's shape (of the slice).
       num_letters: letters of the alphabet (None when skipped).
       relative_error: ||XW - X~Q||_F / ||XW||_F on the calibration set.
@@ -674,6 +677,10 @@ def quantize_model(
             )
     _check_weights(adapter.state)
     _check_inputs(adapter, found, batches)
+    unreached = []
+    for name, shape in adapter.not_reached(found, first):
+        logging.warning("%s enters a matrix product but is no layer qjax reaches", name)
+        unreached.append(LayerReport(name, "?", "not reached", shape, None, None, None, 0))
 
     units = _in_forward_order(found)
     if one_pass is None:
@@ -698,7 +705,7 @@ def quantize_model(
         state, reports = _in_one_pass(
             adapter, found, units, table, fed[0], sequential=sequential, progress=progress
         )
-        return adapter.result(state), reports
+        return adapter.result(state), reports + unreached
 
     float_state = adapter.state
     current = float_state
@@ -730,7 +737,7 @@ def quantize_model(
         reports.append(_quantized(layer, index, step, kernel, alphabet, errors, seconds))
         new_kernel = kernel.at[index].set(kind.from_matrix(q).astype(kernel.dtype))
         current = adapter.with_kernel(current, layer, new_kernel)
-    return adapter.result(current), reports
+    return adapter.result(current), reports + unreached
 
 
 def format_report(reports: Sequence[LayerReport]) -> str:

@@ -37,6 +37,7 @@ import numpy as np
 from jax.experimental import io_callback
 
 from qjax.layers import LayerKind
+from qjax.rules import path_name
 
 __all__ = [
     "PAIR_AXIS",
@@ -71,6 +72,7 @@ class Layer:
       type_name: the module's class name.
       stack_shape: leading kernel axes added by `scan` (empty for an ordinary layer).
       problem: why it cannot be quantized ("is never called", ...), or None.
+      param: the name of its kernel parameter ("kernel", or a registered layer's own name).
     """
 
     path: str
@@ -78,6 +80,7 @@ class Layer:
     type_name: str
     stack_shape: tuple[int, ...] = ()
     problem: str | None = None
+    param: str = "kernel"
 
     @classmethod
     def called(
@@ -89,6 +92,7 @@ class Layer:
         stored_shape: tuple[int, ...],
         seen_shape: tuple[int, ...],
         calls: int,
+        param: str = "kernel",
     ) -> Layer:
         """A layer the forward pass called `calls` times, whose kernel has `stored_shape` in the
         variables and `seen_shape` inside the call (the difference: the axes added by `scan`);
@@ -97,7 +101,8 @@ class Layer:
         problem = kind if isinstance(kind, str) else None
         if not stack and calls > 1:
             problem = "is called more than once (shared layers are not supported)"
-        return cls(path, None if isinstance(kind, str) else kind, type_name, stack, problem)
+        kind = None if isinstance(kind, str) else kind
+        return cls(path, kind, type_name, stack, problem, param)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -227,6 +232,64 @@ class InputChecks:
         return out
 
 
+# Operations after which an array still is the parameter it came from (a view of it), and the
+# matrix products a parameter may enter.
+_VIEWS = frozenset(
+    {
+        "transpose",
+        "reshape",
+        "convert_element_type",
+        "squeeze",
+        "expand_dims",
+        "broadcast_in_dim",
+        "copy",
+        "copy_p",
+        "reduce_precision",
+        "slice",
+        "dynamic_slice",
+        "rev",
+    }
+)
+_PRODUCTS = frozenset({"dot_general", "conv_general_dilated", "ragged_dot"})
+
+
+def _sub_jaxprs(eqn) -> list:
+    """The jaxprs an equation calls (jit, scan, checkpoint, custom derivatives, cond branches)."""
+    found = []
+    for value in eqn.params.values():
+        for item in value if isinstance(value, tuple | list) else (value,):
+            item = getattr(item, "jaxpr", item)  # a ClosedJaxpr's Jaxpr
+            if hasattr(item, "eqns") and hasattr(item, "invars"):
+                found.append(item)
+    return found
+
+
+def multiplied_leaves(fn: Callable[[Any, Any], Any], state: Any, batch: Any) -> set[int]:
+    """The indices (in `jax.tree.leaves(state)` order) of the leaves of `state` that enter a
+    matrix product (`dot_general`, a convolution), directly or through views (transposes,
+    reshapes, casts, slices: a scanned stack's slice), when `fn(state, batch)` runs."""
+    jaxpr = jax.make_jaxpr(fn)(state, batch).jaxpr
+    count = len(jax.tree.leaves(state))
+    multiplied: set[int] = set()
+
+    def walk(jaxpr, origin: dict) -> None:
+        for eqn in jaxpr.eqns:
+            ins = [origin.get(v) if type(v).__name__ != "Literal" else None for v in eqn.invars]
+            if eqn.primitive.name in _PRODUCTS:
+                multiplied.update(i for i in ins if i is not None)
+            elif eqn.primitive.name in _VIEWS and ins and ins[0] is not None:
+                origin.update(dict.fromkeys(eqn.outvars, ins[0]))
+            for sub in _sub_jaxprs(eqn):
+                args = ins if len(sub.invars) == len(ins) else ins[len(ins) - len(sub.invars) :]
+                if len(args) == len(sub.invars):
+                    walk(
+                        sub, {v: i for v, i in zip(sub.invars, args, strict=True) if i is not None}
+                    )
+
+    walk(jaxpr, {v: i for i, v in enumerate(jaxpr.invars[:count])})
+    return multiplied
+
+
 _TRAIN_FLAGS = {"train": False, "training": False, "is_training": False, "deterministic": True}
 
 
@@ -289,6 +352,28 @@ class Adapter(abc.ABC):
     def inputs(self, state: Any, layer: Layer, index: tuple[int, ...], batch: Any) -> jax.Array:
         """The input of `layer` (slice `index` of a stacked layer) when the model with variables
         `state` runs on `batch`."""
+
+    @abc.abstractmethod
+    def forward(self, state: Any, batch: Any) -> Any:
+        """The model's output on `batch` with variables `state` (traceable)."""
+
+    @abc.abstractmethod
+    def kernel_name(self, layer: Layer) -> str:
+        """The path of the layer's kernel in `state` (`qjax.rules.path_name`)."""
+
+    def not_reached(self, layers: list[Layer], batch: Any) -> list[tuple[str, tuple[int, ...]]]:
+        """(path, shape) of the floating variables that enter a matrix product in the forward
+        pass on `batch` but are not the kernel of one of `layers` (a custom layer's own
+        parameter, a tied embedding): what quantization does not reach."""
+        leaves = jax.tree_util.tree_leaves_with_path(self.state)
+        reached = {self.kernel_name(layer) for layer in layers}
+        out = []
+        for index in sorted(multiplied_leaves(self.forward, self.state, batch)):
+            keypath, leaf = leaves[index]
+            name = path_name(keypath)
+            if name not in reached and jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+                out.append((name, tuple(np.shape(leaf))))
+        return out
 
     @abc.abstractmethod
     def check_inputs(
