@@ -40,7 +40,7 @@ from jax.sharding import Mesh
 from jax.typing import ArrayLike
 from tqdm.auto import tqdm
 
-from qjax.adapters.base import Adapter, Layer, ModelCall, PairedPass, call_error
+from qjax.adapters.base import Adapter, Layer, ModelCall, PairedPass, Static, call_error
 from qjax.adapters.linen import LinenAdapter
 from qjax.adapters.nnx import NNXAdapter
 from qjax.layers import Conv, ConvByChannel, LayerKind
@@ -241,7 +241,7 @@ class _Batches:
             bound = signature.bind(None, *args, **kwargs, **shared, **call.keywords)
         except TypeError as error:
             if "missing a required argument" in str(error) and not args[1:]:
-                raise ValueError(call_error(error, model, fed)) from error
+                raise ValueError(call_error(error, type(model), fed)) from error
             raise ValueError(
                 f"calibration batches give {type(model).__name__} {len(args)} positional and "
                 f"keyword arguments {sorted({**kwargs, **shared})}, which do not fit "
@@ -409,29 +409,20 @@ _MAX_PATCH_ROWS = 1 << 16
 class _LayerStep:
     """A paired pass's step at one layer (one slice): stats of all calibration rows, then Q.
 
-    Traced inside the pass (`qjax.adapters.base.paired_kernel`); hashable, so that the compiled
-    pass is reused by later calls with the same specs.
+    Traced inside the pass (`qjax.adapters.base.paired_kernel`); a key of compiled passes
+    (`Static`: equal specs share a program, a spec holding arrays, a fixed alphabet, its own).
     """
 
     spec: LayerSpec
     kind: LayerKind
 
     def __hash__(self):
-        try:
-            return hash((self.spec, self.kind))
-        except TypeError:  # a spec holding arrays (a fixed alphabet): compiled for this call
-            return id(self)
+        return hash(Static((self.spec, self.kind)))
 
     def __eq__(self, other):
-        if self is other:
-            return True
         if not isinstance(other, _LayerStep):
-            return False
-        try:
-            hash((self.spec, other.spec))
-        except TypeError:
-            return False
-        return (self.spec, self.kind) == (other.spec, other.kind)
+            return NotImplemented
+        return Static((self.spec, self.kind)) == Static((other.spec, other.kind))
 
     def alphabet(self, kernel: jax.Array):
         """The layer's alphabet for this kernel (slice)."""

@@ -293,7 +293,7 @@ def multiplied_leaves(fn: Callable[[Any, Any], Any], state: Any, batch: Any) -> 
 _TRAIN_FLAGS = {"train": False, "training": False, "is_training": False, "deterministic": True}
 
 
-def call_error(error: Exception, model: Any, batch: Any) -> str:
+def call_error(error: Exception, model_type: type, batch: Any) -> str:
     """What to tell the user when the model cannot run on a calibration batch: the error, and
     the argument to pass when it comes from a model left in training mode (BatchNorm updating
     its statistics, or a required `train` flag)."""
@@ -308,7 +308,7 @@ def call_error(error: Exception, model: Any, batch: Any) -> str:
     if not training:
         return message
     try:
-        parameters = inspect.signature(type(model).__call__).parameters
+        parameters = inspect.signature(model_type.__call__).parameters
     except (TypeError, ValueError):
         parameters = {}
     flags = {name: value for name, value in _TRAIN_FLAGS.items() if name in parameters}

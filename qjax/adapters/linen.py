@@ -112,7 +112,7 @@ class LinenAdapter(Adapter):
                     batch,
                 )
         except (TypeError, ValueError, AssertionError, flax.errors.FlaxError) as error:
-            raise ValueError(call_error(error, self.model, batch)) from error
+            raise ValueError(call_error(error, type(self.model), batch)) from error
 
         found = []
         flat = _flat(self._variables["params"])

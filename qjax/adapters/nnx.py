@@ -149,6 +149,7 @@ class NNXAdapter(Adapter):
     def __init__(self, module: nnx.Module, call: ModelCall):
         if not isinstance(module, nnx.Module):
             raise ValueError(f"expected an nnx.Module, got {type(module).__name__}")
+        self._type = type(module)
         copy = nnx.clone(module)
         if hasattr(copy, "eval"):
             copy.eval()
@@ -187,7 +188,7 @@ class NNXAdapter(Adapter):
             with _recording(hook):
                 jax.eval_shape(forward, self._state, batch)
         except (TypeError, ValueError, AssertionError) as error:
-            raise ValueError(call_error(error, self.graphdef, batch)) from error
+            raise ValueError(call_error(error, self._type, batch)) from error
 
         found = []
         for name, (module, seen_shape, kwargs) in calls.items():
