@@ -18,6 +18,11 @@ nor which method it drives. Two schedules, the same codes:
   statistics, so the calibration set never has to fit in memory (also over a device mesh).
 
 Layers under `scan` (stacked kernels) are quantized slice by slice, each with its own X and X~.
+
+Before either, the host-level driver checks what would otherwise give a silently wrong model:
+the batches (arrays of numbers, finite, fitting the model's arguments), the weights (finite),
+and, in one float forward pass per batch (`Adapter.check_inputs`), every layer's input (finite)
+and every embedding's token ids (inside its table); errors name the variable, layer and batch.
 """
 
 from __future__ import annotations
