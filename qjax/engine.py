@@ -429,6 +429,19 @@ class _LayerStep:
             return NotImplemented
         return Static((self.spec, self.kind)) == Static((other.spec, other.kind))
 
+    @property
+    def program(self) -> _LayerStep:
+        """This step with what does not change the compiled program taken out (the scale
+        constant C, passed to `__call__` as `data` instead)."""
+        if not self.spec.scale_is_data:
+            return self
+        return _LayerStep(dataclasses.replace(self.spec, c=1.0), self.kind)
+
+    @property
+    def data(self) -> jax.Array | None:
+        """The numbers `program` leaves out: C, or None."""
+        return jnp.float32(self.spec.c) if self.spec.scale_is_data else None
+
     def alphabet(self, kernel: jax.Array):
         """The layer's alphabet for this kernel (slice)."""
         return self.spec.make_alphabet(self.kind.to_matrix(kernel))
@@ -449,21 +462,23 @@ class _LayerStep:
         stats: GramStats,
         *,
         gather: Callable[[jax.Array], jax.Array] | None = None,
+        c: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(Q, the alphabet, `_errors`) of the layer's matrix from its statistics.
 
-        `gather`, if given, brings a Q split over a mesh onto this process before the errors.
+        `gather`, if given, brings a Q split over a mesh onto this process before the errors;
+        `c`, if given, is the scale constant C (see `program`).
         """
-        alphabet = self.spec.make_alphabet(matrix)
+        alphabet = self.spec.make_alphabet(matrix, c=c)
         q = self.spec.quantizer.quantize(matrix, stats, alphabet)
         if gather is not None:
             q = gather(q)
         return q, alphabet, _errors(self.spec.quantizer, matrix, q, stats, alphabet)
 
-    def __call__(self, kernel: jax.Array, x: jax.Array, x_tilde: jax.Array):
+    def __call__(self, kernel: jax.Array, x: jax.Array, x_tilde: jax.Array, data=None):
         matrix = self.kind.to_matrix(kernel)
         stats = self._accumulate(self.init_stats(matrix), x, x_tilde)
-        q, _, errors = self.quantize(matrix, stats)
+        q, _, errors = self.quantize(matrix, stats, c=data)
         return self.kind.from_matrix(q), errors
 
     def _accumulate(self, stats: GramStats, x: jax.Array, x_tilde: jax.Array) -> GramStats:
@@ -537,7 +552,11 @@ def _in_one_pass(
     PairedPass.listener = layer_done
     try:
         state, errors_by_path = adapter.paired_pass(
-            list(found), steps, batch, sequential=sequential
+            list(found),
+            {path: step.program for path, step in steps.items()},
+            batch,
+            sequential=sequential,
+            data={path: step.data for path, step in steps.items()},
         )
         jax.effects_barrier()
     finally:

@@ -56,10 +56,11 @@ __all__ = [
 
 PAIR_AXIS = "qjax_pair"
 
-# quantizer(kernel, x, x_tilde) -> (Q, errors): the engine's traced per-layer step (one slice of
-# a stacked layer); errors = (relative error, MSQ's, 1 if the statistics are finite). Hashable,
-# so that compiled passes are reused.
-LayerQuantizer = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+# quantizer(kernel, x, x_tilde, data) -> (Q, errors): the engine's traced per-layer step (one
+# slice of a stacked layer); errors = (relative error, MSQ's, 1 if the statistics are finite).
+# Hashable, so that compiled passes are reused; `data` holds its numbers that are not part of the
+# program (a scale constant C), a pytree of arrays or None.
+LayerQuantizer = Callable[[jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, jax.Array]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -391,9 +392,11 @@ class Adapter(abc.ABC):
         batch: Any,
         *,
         sequential: bool,
+        data: Mapping[str, Any],
     ) -> tuple[Any, dict[str, np.ndarray]]:
         """One forward pass on `batch` (`run_paired`) quantizing, in call order, every layer of
-        `quantizers` (by path) with `paired_kernel`.
+        `quantizers` (by path) with `paired_kernel`, given its quantizer's `data` (by path:
+        arguments of the compiled pass, not part of it).
 
         Returns:
           (the float state with those layers' kernels quantized, {path: errors of shape
@@ -450,7 +453,7 @@ class PairedPass:
 
 
 def paired_kernel(
-    kernel: jax.Array, x: jax.Array, quantizer: LayerQuantizer, *, sequential: bool
+    kernel: jax.Array, x: jax.Array, quantizer: LayerQuantizer, data: Any, *, sequential: bool
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Inside `run_paired`, at one layer call: the kernel this member computes with, Q, and the
     layer's errors.
@@ -460,6 +463,7 @@ def paired_kernel(
       x: this member's input of the layer: X in member 0 (float), X~ in member 1; not
         sequential, the float model's input X (then X~ = X).
       quantizer: the engine's step for this layer.
+      data: the quantizer's numbers (see `LayerQuantizer`).
       sequential: as in `run_paired`.
 
     Returns:
@@ -467,11 +471,11 @@ def paired_kernel(
     """
     if sequential:
         both = jax.lax.all_gather(x, PAIR_AXIS)  # one value, not per member: quantized once
-        q, errors = quantizer(kernel, both[0], both[1])
+        q, errors = quantizer(kernel, both[0], both[1], data)
         member = jax.lax.axis_index(PAIR_AXIS)
         used = jnp.where(member == 0, kernel, q.astype(kernel.dtype))
     else:
-        q, errors = quantizer(kernel, x, x)
+        q, errors = quantizer(kernel, x, x, data)
         used = kernel
     jax.debug.callback(PairedPass._layer_done, errors)
     return used, q.astype(kernel.dtype), errors
@@ -481,11 +485,12 @@ KEPT_PAIRED_PASSES = 4
 
 
 def compiled_per_spec(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """`fn(model, quantizers, call, sequential, state, batch)` jit-compiled once per
+    """`fn(model, quantizers, call, sequential, state, batch, data)` jit-compiled once per
     distinct static first four arguments, keeping only the `KEPT_PAIRED_PASSES` most recently
     used compilations.
 
-    Every set of layer specs (a method, an alphabet, a scale constant C) is its own program. A
+    Every set of layer specs (a method, an alphabet size and layout) is its own program; numbers
+    that do not change it (a scale constant C) are `data`, so a sweep over C compiles once. A
     plain `jax.jit` keeps each one for the life of the process, and a sweep over a few dozen
     specs then runs out of memory for compiled code (on CPU, the 64-spec CIFAR-10 CNN sweep of
     `experiments/gpfq` failed at its 64th). Dropping a jitted function frees its programs.
@@ -496,8 +501,8 @@ def compiled_per_spec(fn: Callable[..., Any]) -> Callable[..., Any]:
         return jax.jit(functools.partial(fn, *static))
 
     @functools.wraps(fn)
-    def run(model, quantizers, call, sequential, state, batch):
-        return compiled(model, quantizers, call, sequential)(state, batch)
+    def run(model, quantizers, call, sequential, state, batch, data):
+        return compiled(model, quantizers, call, sequential)(state, batch, data)
 
     run.cache_info = compiled.cache_info
     return run

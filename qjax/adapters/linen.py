@@ -173,18 +173,16 @@ class LinenAdapter(Adapter):
         static = (self._model, paths, self.call, Static(self.mutable))
         return InputChecks.collect(lambda: _checking_pass(*static, self._variables, batch))
 
-    def paired_pass(self, layers, quantizers, batch, *, sequential):
+    def paired_pass(self, layers, quantizers, batch, *, sequential, data):
+        todo = [layer for layer in layers if layer.path in quantizers]
         out = _paired_pass(
             self._model,
-            tuple(
-                (self._keys[layer.path], layer.param, quantizers[layer.path])
-                for layer in layers
-                if layer.path in quantizers
-            ),
+            tuple((self._keys[x.path], x.param, quantizers[x.path]) for x in todo),
             (self.call, Static(self.mutable)),
             sequential,
             self._variables,
             batch,
+            tuple(data[x.path] for x in todo),
         )
         current, errors = self._variables, {}
         for layer in layers:
@@ -265,19 +263,24 @@ _Q_NAME, _ERRORS_NAME = "_qjax_q", "_qjax_errors"
 
 
 @compiled_per_spec
-def _paired_pass(model, quantizers, call, sequential, variables, batch):
+def _paired_pass(model, quantizers, call, sequential, variables, batch, data):
     """`LinenAdapter.paired_pass` as one compiled program: {module path: (Q, errors)}. The
     kernels are swapped in with `put_variable`, so the "params" collection is mutable during the
     pass (also under `nn.scan`, whose variable axes then stack Q and the errors)."""
-    by_path = {path: (param, quantizer) for path, param, quantizer in quantizers}
+    by_path = {
+        path: (param, quantizer, numbers)
+        for (path, param, quantizer), numbers in zip(quantizers, data, strict=True)
+    }
 
     def swap(next_fun, args, kwargs, context):
         module = context.module
         found = by_path.get(tuple(module.path)) if context.method_name == "__call__" else None
         if found is not None:
-            param, quantizer = found
+            param, quantizer, numbers = found
             kernel = module.get_variable("params", param)
-            kernel, q, errors = paired_kernel(kernel, args[0], quantizer, sequential=sequential)
+            kernel, q, errors = paired_kernel(
+                kernel, args[0], quantizer, numbers, sequential=sequential
+            )
             module.put_variable("params", param, kernel)
             module.put_variable("params", _Q_NAME, q)
             module.put_variable("params", _ERRORS_NAME, errors)

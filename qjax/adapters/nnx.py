@@ -254,7 +254,7 @@ class NNXAdapter(Adapter):
 
         return InputChecks.collect(run)
 
-    def paired_pass(self, layers, quantizers, batch, *, sequential):
+    def paired_pass(self, layers, quantizers, batch, *, sequential, data):
         stacks = {layer.path: layer.stack_shape for layer in layers}
         module = nnx.merge(self.graphdef, self._state)
         for path in quantizers:  # slots for each layer's Q and errors, scanned like its kernel
@@ -272,6 +272,7 @@ class NNXAdapter(Adapter):
             sequential,
             state,
             batch,
+            {path: data[path] for path in quantizers},
         )
         current, errors = self._state, {}
         for path, (kernel, error) in out.items():
@@ -347,16 +348,21 @@ def _stacked_pass(graphdef, path, call, state, batch):
 
 
 @compiled_per_spec
-def _paired_pass(graphdef, quantizers, call, sequential, state, batch):
+def _paired_pass(graphdef, quantizers, call, sequential, state, batch, data):
     """`NNXAdapter.paired_pass` as one compiled program: {path: (Q, errors)}."""
     by_path = {path: (param, quantizer) for path, _, param, quantizer in quantizers}
 
     def hook(module, args, kwargs):
-        found = by_path.get(getattr(module, _PATH_ATTRIBUTE, None))
+        module_path = getattr(module, _PATH_ATTRIBUTE, None)
+        found = by_path.get(module_path)
         if found is not None:
             param, quantizer = found
             kernel, q, errors = paired_kernel(
-                _value(getattr(module, param)), args[0], quantizer, sequential=sequential
+                _value(getattr(module, param)),
+                args[0],
+                quantizer,
+                data[module_path],
+                sequential=sequential,
             )
             _set_value(getattr(module, param), kernel)
             _set_value(getattr(module, _Q_ATTRIBUTE), q)
