@@ -38,6 +38,7 @@ from qjax import (
 )
 from qjax.batchnorm import reestimate_batch_stats
 from qjax.engine import LayerReport, format_report, quantize_model
+from qjax.layers import register_layer
 from qjax.methods import (
     GPFQ,
     GPTQ,
@@ -120,6 +121,7 @@ __all__ = [
     "quantize_model",
     "reestimate_batch_stats",
     "reg_for_total_pull",
+    "register_layer",
     "relative_error",
     "rules",
     "stats",

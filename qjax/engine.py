@@ -18,6 +18,11 @@ nor which method it drives. Two schedules, the same codes:
   statistics, so the calibration set never has to fit in memory (also over a device mesh).
 
 Layers under `scan` (stacked kernels) are quantized slice by slice, each with its own X and X~.
+
+Before either, the host-level driver checks what would otherwise give a silently wrong model:
+the batches (arrays of numbers, finite, fitting the model's arguments), the weights (finite),
+and, in one float forward pass per batch (`Adapter.check_inputs`), every layer's input (finite)
+and every embedding's token ids (inside its table); errors name the variable, layer and batch.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from jax.sharding import Mesh
 from jax.typing import ArrayLike
 from tqdm.auto import tqdm
 
-from qjax.adapters.base import Adapter, Layer, ModelCall, PairedPass, call_error
+from qjax.adapters.base import Adapter, Layer, ModelCall, PairedPass, Static, call_error
 from qjax.adapters.linen import LinenAdapter
 from qjax.adapters.nnx import NNXAdapter
 from qjax.layers import Conv, ConvByChannel, LayerKind
@@ -68,7 +73,10 @@ class LayerReport(NamedTuple):
       path: the layer's path, e.g. "Dense_0", "blocks/attn/query"; a slice of a stacked layer
         has its index appended, "blocks/mlp/fc1[3]" ("" for a model that is a layer itself).
       kind: the layer kind ("Dense", "DenseGeneral", "Einsum", "Conv").
-      method: the method's name ("skip": left float, no error computed).
+      method: the method's name ("skip": left float, no error computed; "not reached": a
+        floating variable that enters a matrix product in the forward pass but is not the
+        kernel of a layer qjax knows, listed after the layers under its variable path: register
+        its module with `qjax.register_layer` to quantize it).
       shape: the kernel's shape (of the slice).
       num_letters: letters of the alphabet (None when skipped).
       relative_error: ||XW - X~Q||_F / ||XW||_F on the calibration set.
@@ -238,7 +246,7 @@ class _Batches:
             bound = signature.bind(None, *args, **kwargs, **shared, **call.keywords)
         except TypeError as error:
             if "missing a required argument" in str(error) and not args[1:]:
-                raise ValueError(call_error(error, model, fed)) from error
+                raise ValueError(call_error(error, type(model), fed)) from error
             raise ValueError(
                 f"calibration batches give {type(model).__name__} {len(args)} positional and "
                 f"keyword arguments {sorted({**kwargs, **shared})}, which do not fit "
@@ -406,29 +414,33 @@ _MAX_PATCH_ROWS = 1 << 16
 class _LayerStep:
     """A paired pass's step at one layer (one slice): stats of all calibration rows, then Q.
 
-    Traced inside the pass (`qjax.adapters.base.paired_kernel`); hashable, so that the compiled
-    pass is reused by later calls with the same specs.
+    Traced inside the pass (`qjax.adapters.base.paired_kernel`); a key of compiled passes
+    (`Static`: equal specs share a program, a spec holding arrays, a fixed alphabet, its own).
     """
 
     spec: LayerSpec
     kind: LayerKind
 
     def __hash__(self):
-        try:
-            return hash((self.spec, self.kind))
-        except TypeError:  # a spec holding arrays (a fixed alphabet): compiled for this call
-            return id(self)
+        return hash(Static((self.spec, self.kind)))
 
     def __eq__(self, other):
-        if self is other:
-            return True
         if not isinstance(other, _LayerStep):
-            return False
-        try:
-            hash((self.spec, other.spec))
-        except TypeError:
-            return False
-        return (self.spec, self.kind) == (other.spec, other.kind)
+            return NotImplemented
+        return Static((self.spec, self.kind)) == Static((other.spec, other.kind))
+
+    @property
+    def program(self) -> _LayerStep:
+        """This step with what does not change the compiled program taken out (the scale
+        constant C, passed to `__call__` as `data` instead)."""
+        if not self.spec.scale_is_data:
+            return self
+        return _LayerStep(dataclasses.replace(self.spec, c=1.0), self.kind)
+
+    @property
+    def data(self) -> jax.Array | None:
+        """The numbers `program` leaves out: C, or None."""
+        return jnp.float32(self.spec.c) if self.spec.scale_is_data else None
 
     def alphabet(self, kernel: jax.Array):
         """The layer's alphabet for this kernel (slice)."""
@@ -450,21 +462,23 @@ class _LayerStep:
         stats: GramStats,
         *,
         gather: Callable[[jax.Array], jax.Array] | None = None,
+        c: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(Q, the alphabet, `_errors`) of the layer's matrix from its statistics.
 
-        `gather`, if given, brings a Q split over a mesh onto this process before the errors.
+        `gather`, if given, brings a Q split over a mesh onto this process before the errors;
+        `c`, if given, is the scale constant C (see `program`).
         """
-        alphabet = self.spec.make_alphabet(matrix)
+        alphabet = self.spec.make_alphabet(matrix, c=c)
         q = self.spec.quantizer.quantize(matrix, stats, alphabet)
         if gather is not None:
             q = gather(q)
         return q, alphabet, _errors(self.spec.quantizer, matrix, q, stats, alphabet)
 
-    def __call__(self, kernel: jax.Array, x: jax.Array, x_tilde: jax.Array):
+    def __call__(self, kernel: jax.Array, x: jax.Array, x_tilde: jax.Array, data=None):
         matrix = self.kind.to_matrix(kernel)
         stats = self._accumulate(self.init_stats(matrix), x, x_tilde)
-        q, _, errors = self.quantize(matrix, stats)
+        q, _, errors = self.quantize(matrix, stats, c=data)
         return self.kind.from_matrix(q), errors
 
     def _accumulate(self, stats: GramStats, x: jax.Array, x_tilde: jax.Array) -> GramStats:
@@ -538,7 +552,11 @@ def _in_one_pass(
     PairedPass.listener = layer_done
     try:
         state, errors_by_path = adapter.paired_pass(
-            list(found), steps, batch, sequential=sequential
+            list(found),
+            {path: step.program for path, step in steps.items()},
+            batch,
+            sequential=sequential,
+            data={path: step.data for path, step in steps.items()},
         )
         jax.effects_barrier()
     finally:
@@ -674,6 +692,10 @@ def quantize_model(
             )
     _check_weights(adapter.state)
     _check_inputs(adapter, found, batches)
+    unreached = []
+    for name, shape in adapter.not_reached(found, first):
+        logging.warning("%s enters a matrix product but is no layer qjax reaches", name)
+        unreached.append(LayerReport(name, "?", "not reached", shape, None, None, None, 0))
 
     units = _in_forward_order(found)
     if one_pass is None:
@@ -698,7 +720,7 @@ def quantize_model(
         state, reports = _in_one_pass(
             adapter, found, units, table, fed[0], sequential=sequential, progress=progress
         )
-        return adapter.result(state), reports
+        return adapter.result(state), reports + unreached
 
     float_state = adapter.state
     current = float_state
@@ -730,7 +752,7 @@ def quantize_model(
         reports.append(_quantized(layer, index, step, kernel, alphabet, errors, seconds))
         new_kernel = kernel.at[index].set(kind.from_matrix(q).astype(kernel.dtype))
         current = adapter.with_kernel(current, layer, new_kernel)
-    return adapter.result(current), reports
+    return adapter.result(current), reports + unreached
 
 
 def format_report(reports: Sequence[LayerReport]) -> str:

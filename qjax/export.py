@@ -789,7 +789,8 @@ def export_params(
       mask: which leaves to pack: a pattern that must match a leaf's whole path (`re.fullmatch`,
         e.g. ".*/(kernel|embedding)"), or, optax style, a tree of bools with the structure of
         `params` or a function of `params` returning one. Default: `kernel_mask` (every leaf
-        named "kernel" or "embedding"). It must select at least one leaf.
+        named "kernel" or "embedding"; an embedding that is not on a grid, as
+        `qjax.quantize_model` leaves them, is kept float). It must select at least one leaf.
       channel_axis: for inferred grids, see `quantize_array` ("auto" also finds one step per
         slice and output channel of stacked kernels from scanned layers).
       group_size: for inferred grids, see `quantize_array`.
@@ -813,16 +814,29 @@ def export_params(
             f"alphabets name unknown or unmasked layers {unknown}; masked leaves: "
             f"{sorted(masked_names)}"
         )
+
+    def export(name, leaf):
+        try:
+            return quantize_array(
+                leaf,
+                alphabets.get(name),
+                channel_axis=channel_axis,
+                group_size=group_size,
+                name=name,
+            )
+        except ValueError:
+            # The default mask leaves out a float embedding (`quantize_model` keeps them float).
+            if (
+                mask is None
+                and name.rsplit("/", 1)[-1] == "embedding"
+                and name not in alphabets
+                and np.all(np.isfinite(np.asarray(leaf)))
+            ):
+                return leaf
+            raise
+
     exported = [
-        quantize_array(
-            leaf,
-            alphabets.get(name),
-            channel_axis=channel_axis,
-            group_size=group_size,
-            name=name,
-        )
-        if keep
-        else leaf
+        export(name, leaf) if keep else leaf
         for name, (_, leaf), keep in zip(names, leaves, selected, strict=True)
     ]
     return jax.tree.unflatten(jax.tree.structure(params), exported)

@@ -25,13 +25,26 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from qjax.patches import ConvGeometry, conv_patches, kernel_to_matrix, matrix_to_kernel
 
-__all__ = ["Conv", "ConvByChannel", "Dense", "Einsum", "General", "LayerKind"]
+__all__ = [
+    "Conv",
+    "ConvByChannel",
+    "Dense",
+    "Einsum",
+    "General",
+    "LayerKind",
+    "LayerType",
+    "register_layer",
+    "registered_classes",
+    "registered_layer",
+]
 
 
 class LayerKind:
@@ -51,15 +64,21 @@ class LayerKind:
 
 @dataclasses.dataclass(frozen=True)
 class Dense(LayerKind):
-    """y = x·W with W (N0, N1) and x (..., N0)."""
+    """y = x·W with W (N0, N1) and x (..., N0).
 
+    Attributes:
+      transposed: the kernel is stored as Wᵀ (N1, N0), as in GPT-2's `Conv1D` layers
+        (`transformers`' `FlaxConv1D`: y = x·kernelᵀ).
+    """
+
+    transposed: bool = False
     name = "Dense"
 
     def to_matrix(self, kernel):
-        return kernel
+        return kernel.T if self.transposed else kernel
 
     def from_matrix(self, matrix):
-        return matrix
+        return matrix.T if self.transposed else matrix
 
     def rows(self, x):
         return x.reshape(-1, x.shape[-1])
@@ -224,3 +243,67 @@ class ConvByChannel(LayerKind):
     def rows(self, x):
         patches = conv_patches(x, self.geometry)  # (groups, m, window·cin_g)
         return self._split(jnp.swapaxes(patches, 1, 2)).swapaxes(1, 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerType:
+    """How qjax quantizes the modules of one class (see `register_layer`).
+
+    Attributes:
+      kind: the layer's `LayerKind` (`Dense()`, `Dense(transposed=True)`, ...), or a function
+        (module, kernel shape as seen in the call) -> `LayerKind`, or a string saying why such a
+        module cannot be quantized.
+      param: the name of the parameter (in "params") that is the kernel.
+    """
+
+    kind: LayerKind | Callable[[Any, tuple[int, ...]], LayerKind | str]
+    param: str = "kernel"
+
+    def kind_of(self, module: Any, kernel_shape: tuple[int, ...]) -> LayerKind | str:
+        return self.kind if isinstance(self.kind, LayerKind) else self.kind(module, kernel_shape)
+
+
+_REGISTERED: dict[type, LayerType] = {}
+
+
+def register_layer(
+    module_class: type,
+    kind: LayerKind | Callable[[Any, tuple[int, ...]], LayerKind | str],
+    *,
+    param: str = "kernel",
+) -> None:
+    """Tells `qjax.quantize_model` that modules of `module_class` (Linen or NNX, and its
+    subclasses) are layers it can quantize: their `__call__`'s first argument is the input X
+    and their parameter `param` is the kernel, seen as a matrix by `kind`.
+
+    Examples:
+      GPT-2's Conv1D (a Dense whose kernel is stored transposed):
+      `register_layer(FlaxConv1D, Dense(transposed=True))`; a custom layer computing
+      `jnp.dot(x, self.w)`: `register_layer(MyDense, Dense(), param="w")`; a layer whose
+      geometry depends on its attributes: `register_layer(MyEinsum, lambda module, shape:
+      Einsum(module.spec, shape), param="w")`.
+
+    Args:
+      module_class: the module class.
+      kind: its `LayerKind`, or a function (module, kernel shape) -> `LayerKind` (or a string
+        saying why that module cannot be quantized).
+      param: the kernel's parameter name.
+    """
+    if not isinstance(module_class, type):
+        raise ValueError(f"register_layer takes a module class, got {module_class!r}")
+    if not (isinstance(kind, LayerKind) or callable(kind)):
+        raise ValueError(f"kind must be a LayerKind or a function returning one, got {kind!r}")
+    _REGISTERED[module_class] = LayerType(kind, param)
+
+
+def registered_classes() -> tuple[type, ...]:
+    """The module classes given to `register_layer`."""
+    return tuple(_REGISTERED)
+
+
+def registered_layer(module: Any) -> LayerType | None:
+    """The `LayerType` registered for `module`'s class (or the nearest base class), if any."""
+    for cls in type(module).__mro__:
+        if cls in _REGISTERED:
+            return _REGISTERED[cls]
+    return None

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import jax
+import jax.numpy as jnp
 
 from qjax import alphabets
 from qjax.alphabets import AnyAlphabet
@@ -137,9 +138,20 @@ class LayerSpec:
             return ConvByChannel(kind.geometry)
         return kind
 
-    def make_alphabet(self, matrix: jax.Array) -> AnyAlphabet:
+    @property
+    def scale_is_data(self) -> bool:
+        """Whether the scale constant C enters the alphabet as a number (`make_alphabet`'s `c`),
+        so that compiled programs need not depend on its value."""
+        return self.alphabet is None and self.c is not None
+
+    def make_alphabet(self, matrix: jax.Array, *, c: jax.typing.ArrayLike | None = None):
         """The alphabet A for a weight matrix (..., N0, N1): per tensor, one for all of it;
-        per channel or group-wise, leading axes (feature groups, heads) have their own."""
+        per channel or group-wise, leading axes (feature groups, heads) have their own.
+
+        With a scale constant C, A is the alphabet of C = 1 with its step scaled by C: the same
+        letters for C given here as data (`c`, which may be traced: one compiled program for a
+        sweep over C) as for C in the spec.
+        """
         if self.alphabet is not None:
             return self.alphabet(matrix) if callable(self.alphabet) else self.alphabet
         letters = (
@@ -147,17 +159,22 @@ class LayerSpec:
             if self.num_letters is not None
             else {"bits": self.bits}
         )
+        scale = self.c if c is None else c
 
         def make(m):
-            return alphabets.for_weights(
+            alphabet = alphabets.for_weights(
                 m,
-                c=self.c,
+                c=None if scale is None else 1.0,
                 rule=self.rule,
                 per_channel=self.per_channel,
                 group_size=self.group_size,
                 grid=self.grid,
                 **letters,
             )
+            if scale is None:
+                return alphabet
+            step = alphabet.step * jnp.asarray(scale, jnp.result_type(alphabet.step))
+            return dataclasses.replace(alphabet, step=step)
 
         if self.per_channel or self.group_size is not None:
             for _ in range(matrix.ndim - 2):

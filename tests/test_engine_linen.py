@@ -257,24 +257,51 @@ def test_second_call_does_not_recompile(mlp):
 
 
 def test_a_sweep_keeps_only_the_latest_compiled_passes(mlp):
-    """Every spec is its own one-pass program; a sweep over many specs keeps only the most
+    """Every alphabet size is its own one-pass program; a sweep over many keeps only the most
     recently used few alive (one jit kept them all: a CIFAR-10 CNN sweep over 64 specs ran out of
-    memory for compiled code after about 60), and a spec used again reuses its program."""
+    memory for compiled code after about 60), and a size used again reuses its program."""
     model, variables, x = mlp
     passes = linen_adapter._paired_pass
 
-    def quantize(c):
-        quantize_model(model, variables, [x], spec=LayerSpec(bits=2, c=c), progress=False)
+    def quantize(bits):
+        quantize_model(model, variables, [x], spec=LayerSpec(bits=bits, c=1.0), progress=False)
 
-    scales = [0.5 + 0.25 * i for i in range(KEPT_PAIRED_PASSES + 2)]
-    for c in scales:
-        quantize(c)
+    sizes = list(range(1, KEPT_PAIRED_PASSES + 3))
+    for bits in sizes:
+        quantize(bits)
     swept = passes.cache_info()
     assert swept.currsize == KEPT_PAIRED_PASSES
-    quantize(scales[-1])
+    quantize(sizes[-1])
     assert passes.cache_info()[:2] == (swept.hits + 1, swept.misses)
-    quantize(scales[0])
+    quantize(sizes[0])
     assert passes.cache_info().misses == swept.misses + 1
+
+
+def test_a_sweep_over_c_compiles_once_and_equals_layer_by_layer(mlp):
+    """The scale constant C is data of the one-pass program: a sweep over C compiles it once,
+    and each C gives the codes of the layer-by-layer schedule (C in the spec), which are GPFQ's
+    with the alphabet of C = 1 scaled by C (the letters of `alphabets.for_weights(w, c=C)`)."""
+    model, variables, x = mlp
+    passes = linen_adapter._paired_pass
+    before = passes.cache_info()
+    for i, c in enumerate((0.5, 0.75, 1.25, 2.0)):
+        spec = LayerSpec(bits=2, c=c, rule="median", per_channel=False)
+        one, _ = quantize_model(model, variables, x, spec=spec, progress=False)
+        assert passes.cache_info().misses == before.misses + 1, c
+        assert passes.cache_info().hits == before.hits + i
+        by_layer, reports = quantize_model(
+            model, variables, x, spec=spec, one_pass=False, progress=False
+        )
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+            one["params"],
+            by_layer["params"],
+        )
+        w = variables["params"]["Dense_0"]["kernel"]
+        alphabet = alphabets.for_weights(w, c=c, bits=2, rule="median")
+        np.testing.assert_allclose(reports[0].alphabet.letters, alphabet.letters, rtol=1e-6)
+        q = qjax.gpfq_layer(w, mlp_hidden(variables, x, 0), mlp_hidden(variables, x, 0), alphabet)
+        np.testing.assert_allclose(one["params"]["Dense_0"]["kernel"], q, atol=1e-6)
 
 
 def test_conv_neurons_per_input_channel_as_in_the_paper_code():

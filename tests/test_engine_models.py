@@ -337,3 +337,133 @@ def test_non_finite_weights_inputs_and_token_ids_are_named(linen, nnx_model):
     x = jax.random.normal(jax.random.key(0), (8, 3))
     with pytest.raises(ValueError, match=r"batch 1: the input of layer fc1 holds NaN or Inf"):
         qjax.quantize_model(Overflow(), [x[:4], x[4:].at[1, 0].set(0.0)], progress=False)
+
+
+def test_report_alphabets_and_export_with_defaults(linen, nnx_model):
+    """Each report row carries the alphabet its layer was quantized to; `export_params` with its
+    defaults packs the kernels and leaves the float embeddings out."""
+    model, variables = linen
+    batches = _dict_batches()
+    quantized, reports = qjax.quantize_model(model, variables, batches, spec=SPEC, progress=False)
+    params = nn.meta.unbox(variables)["params"]
+    for report in reports:
+        expected = alphabets.for_weights(
+            params[report.path]["kernel"], c=1.0, bits=2, rule="max", per_channel=True
+        )
+        assert report.num_letters == report.alphabet.size == 4
+        jax.tree.map(np.testing.assert_array_equal, report.alphabet, expected)
+    nnx_quantized = qjax.quantize_model(nnx_model, batches, spec=SPEC, progress=False)[0]
+    for tree, kernels in (
+        (quantized, {"params/fc0/kernel", "params/fc1/kernel", "params/head/kernel"}),
+        (nnx.state(nnx_quantized), {"fcs/0/kernel", "fcs/1/kernel", "head/kernel"}),
+    ):
+        packed = qjax.export.export_params(tree)
+        is_packed = lambda leaf: isinstance(leaf, qjax.export.QuantizedArray)
+        leaves = jax.tree_util.tree_leaves_with_path(packed, is_leaf=is_packed)
+        assert {path_name(p) for p, leaf in leaves if is_packed(leaf)} == kernels
+        for p, leaf in leaves:  # the embeddings, like every other leaf, as they were
+            if path_name(p).endswith("embedding"):
+                assert isinstance(leaf, jax.Array)
+
+
+class FlaxConv1D(nn.Module):
+    """A copy of `transformers`' GPT-2 Conv1D: a Dense whose kernel is stored transposed."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, inputs):
+        kernel = self.param(
+            "kernel", nn.initializers.normal(0.5), (self.features, inputs.shape[-1])
+        )
+        return jax.lax.dot_general(inputs, kernel.T, (((inputs.ndim - 1,), (0,)), ((), ())))
+
+
+class Mine(nn.Module):
+    """A custom layer multiplying its own parameter, not named kernel."""
+
+    @nn.compact
+    def __call__(self, x):
+        return jnp.dot(x, self.param("w", nn.initializers.normal(0.5), (x.shape[-1], 3)))
+
+
+class LinenGPT2ish(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.gelu(FlaxConv1D(6, name="c_fc")(x))
+        return Mine(name="mine")(FlaxConv1D(4, name="c_proj")(x))
+
+
+class NNXConv1D(nnx.Module):
+    def __init__(self, n_in, n_out, rngs):
+        self.w = nnx.Param(jax.random.normal(rngs.params(), (n_out, n_in)) * 0.5)
+
+    def __call__(self, x):
+        return x @ self.w.T
+
+
+class NNXGPT2ish(nnx.Module):
+    def __init__(self, rngs):
+        self.c_fc = NNXConv1D(5, 6, rngs)
+        self.c_proj = NNXConv1D(6, 4, rngs)
+        self.mine = nnx.Param(jax.random.normal(rngs.params(), (4, 3)))
+
+    def __call__(self, x):
+        return jnp.dot(self.c_proj(nnx.gelu(self.c_fc(x))), self.mine)
+
+
+def _transposed_codes(w_t, x):
+    """GPFQ codes of a transposed kernel by hand: quantize W = kernelᵀ, store Qᵀ."""
+    w = w_t.T
+    alphabet = alphabets.for_weights(w, c=1.0, bits=2, rule="max", per_channel=True)
+    return qjax.gpfq_layer(w, x, x, alphabet).T
+
+
+def test_registered_transposed_kernels_and_unreached_parameters(monkeypatch):
+    """Conv1D-style layers are refused (Linen) or not reached (NNX: no kernel) until registered
+    as transposed Dense layers; then their first layer gets the hand-computed codes. A custom
+    layer's own parameter in a product is listed as "not reached", never silently missing."""
+    monkeypatch.setattr(qjax.layers, "_REGISTERED", {})
+    x = jax.random.normal(jax.random.key(0), (16, 5))
+    model = LinenGPT2ish()
+    variables = model.init(jax.random.key(1), x)
+    module = NNXGPT2ish(nnx.Rngs(2))
+    with pytest.raises(ValueError, match="layer c_fc is a FlaxConv1D"):
+        qjax.quantize_model(model, variables, x, progress=False)
+    _, reports = qjax.quantize_model(
+        model, variables, x, rules=[("c_.*", LayerSpec(method="skip"))], progress=False
+    )
+    assert [(r.path, r.method) for r in reports] == [
+        ("c_fc", "skip"),
+        ("c_proj", "skip"),
+        ("params/mine/w", "not reached"),
+    ]
+    with pytest.raises(ValueError, match="has no layer with a kernel"):
+        qjax.quantize_model(module, x, progress=False)
+
+    qjax.register_layer(FlaxConv1D, qjax.layers.Dense(transposed=True))
+    qjax.register_layer(NNXConv1D, qjax.layers.Dense(transposed=True), param="w")
+    for one_pass in (True, False):
+        quantized, reports = qjax.quantize_model(
+            model, variables, x, spec=SPEC, one_pass=one_pass, progress=False
+        )
+        kernel = variables["params"]["c_fc"]["kernel"]
+        np.testing.assert_allclose(
+            quantized["params"]["c_fc"]["kernel"], _transposed_codes(kernel, x), atol=1e-6
+        )
+        assert [(r.path, r.kind, r.method, r.shape) for r in reports] == [
+            ("c_fc", "Dense", "gpfq", (6, 5)),
+            ("c_proj", "Dense", "gpfq", (4, 6)),
+            ("params/mine/w", "?", "not reached", (4, 3)),
+        ]
+        new, reports = qjax.quantize_model(module, x, spec=SPEC, one_pass=one_pass, progress=False)
+        np.testing.assert_allclose(
+            new.c_fc.w.get_value(), _transposed_codes(module.c_fc.w.get_value(), x), atol=1e-6
+        )
+        assert [(r.path, r.method) for r in reports] == [
+            ("c_fc", "gpfq"),
+            ("c_proj", "gpfq"),
+            ("mine", "not reached"),
+        ]
+    # The second layer saw X~ from the quantized first one: 4 letters per output channel.
+    assert max(len(np.unique(row)) for row in np.asarray(new.c_proj.w.get_value())) <= 4

@@ -37,6 +37,7 @@ import numpy as np
 from jax.experimental import io_callback
 
 from qjax.layers import LayerKind
+from qjax.rules import path_name
 
 __all__ = [
     "PAIR_AXIS",
@@ -55,10 +56,11 @@ __all__ = [
 
 PAIR_AXIS = "qjax_pair"
 
-# quantizer(kernel, x, x_tilde) -> (Q, errors): the engine's traced per-layer step (one slice of
-# a stacked layer); errors = (relative error, MSQ's, 1 if the statistics are finite). Hashable,
-# so that compiled passes are reused.
-LayerQuantizer = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+# quantizer(kernel, x, x_tilde, data) -> (Q, errors): the engine's traced per-layer step (one
+# slice of a stacked layer); errors = (relative error, MSQ's, 1 if the statistics are finite).
+# Hashable, so that compiled passes are reused; `data` holds its numbers that are not part of the
+# program (a scale constant C), a pytree of arrays or None.
+LayerQuantizer = Callable[[jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, jax.Array]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +73,7 @@ class Layer:
       type_name: the module's class name.
       stack_shape: leading kernel axes added by `scan` (empty for an ordinary layer).
       problem: why it cannot be quantized ("is never called", ...), or None.
+      param: the name of its kernel parameter ("kernel", or a registered layer's own name).
     """
 
     path: str
@@ -78,6 +81,7 @@ class Layer:
     type_name: str
     stack_shape: tuple[int, ...] = ()
     problem: str | None = None
+    param: str = "kernel"
 
     @classmethod
     def called(
@@ -89,6 +93,7 @@ class Layer:
         stored_shape: tuple[int, ...],
         seen_shape: tuple[int, ...],
         calls: int,
+        param: str = "kernel",
     ) -> Layer:
         """A layer the forward pass called `calls` times, whose kernel has `stored_shape` in the
         variables and `seen_shape` inside the call (the difference: the axes added by `scan`);
@@ -97,7 +102,8 @@ class Layer:
         problem = kind if isinstance(kind, str) else None
         if not stack and calls > 1:
             problem = "is called more than once (shared layers are not supported)"
-        return cls(path, None if isinstance(kind, str) else kind, type_name, stack, problem)
+        kind = None if isinstance(kind, str) else kind
+        return cls(path, kind, type_name, stack, problem, param)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -227,10 +233,68 @@ class InputChecks:
         return out
 
 
+# Operations after which an array still is the parameter it came from (a view of it), and the
+# matrix products a parameter may enter.
+_VIEWS = frozenset(
+    {
+        "transpose",
+        "reshape",
+        "convert_element_type",
+        "squeeze",
+        "expand_dims",
+        "broadcast_in_dim",
+        "copy",
+        "copy_p",
+        "reduce_precision",
+        "slice",
+        "dynamic_slice",
+        "rev",
+    }
+)
+_PRODUCTS = frozenset({"dot_general", "conv_general_dilated", "ragged_dot"})
+
+
+def _sub_jaxprs(eqn) -> list:
+    """The jaxprs an equation calls (jit, scan, checkpoint, custom derivatives, cond branches)."""
+    found = []
+    for value in eqn.params.values():
+        for item in value if isinstance(value, tuple | list) else (value,):
+            item = getattr(item, "jaxpr", item)  # a ClosedJaxpr's Jaxpr
+            if hasattr(item, "eqns") and hasattr(item, "invars"):
+                found.append(item)
+    return found
+
+
+def multiplied_leaves(fn: Callable[[Any, Any], Any], state: Any, batch: Any) -> set[int]:
+    """The indices (in `jax.tree.leaves(state)` order) of the leaves of `state` that enter a
+    matrix product (`dot_general`, a convolution), directly or through views (transposes,
+    reshapes, casts, slices: a scanned stack's slice), when `fn(state, batch)` runs."""
+    jaxpr = jax.make_jaxpr(fn)(state, batch).jaxpr
+    count = len(jax.tree.leaves(state))
+    multiplied: set[int] = set()
+
+    def walk(jaxpr, origin: dict) -> None:
+        for eqn in jaxpr.eqns:
+            ins = [origin.get(v) if type(v).__name__ != "Literal" else None for v in eqn.invars]
+            if eqn.primitive.name in _PRODUCTS:
+                multiplied.update(i for i in ins if i is not None)
+            elif eqn.primitive.name in _VIEWS and ins and ins[0] is not None:
+                origin.update(dict.fromkeys(eqn.outvars, ins[0]))
+            for sub in _sub_jaxprs(eqn):
+                args = ins if len(sub.invars) == len(ins) else ins[len(ins) - len(sub.invars) :]
+                if len(args) == len(sub.invars):
+                    walk(
+                        sub, {v: i for v, i in zip(sub.invars, args, strict=True) if i is not None}
+                    )
+
+    walk(jaxpr, {v: i for i, v in enumerate(jaxpr.invars[:count])})
+    return multiplied
+
+
 _TRAIN_FLAGS = {"train": False, "training": False, "is_training": False, "deterministic": True}
 
 
-def call_error(error: Exception, model: Any, batch: Any) -> str:
+def call_error(error: Exception, model_type: type, batch: Any) -> str:
     """What to tell the user when the model cannot run on a calibration batch: the error, and
     the argument to pass when it comes from a model left in training mode (BatchNorm updating
     its statistics, or a required `train` flag)."""
@@ -245,7 +309,7 @@ def call_error(error: Exception, model: Any, batch: Any) -> str:
     if not training:
         return message
     try:
-        parameters = inspect.signature(type(model).__call__).parameters
+        parameters = inspect.signature(model_type.__call__).parameters
     except (TypeError, ValueError):
         parameters = {}
     flags = {name: value for name, value in _TRAIN_FLAGS.items() if name in parameters}
@@ -291,6 +355,28 @@ class Adapter(abc.ABC):
         `state` runs on `batch`."""
 
     @abc.abstractmethod
+    def forward(self, state: Any, batch: Any) -> Any:
+        """The model's output on `batch` with variables `state` (traceable)."""
+
+    @abc.abstractmethod
+    def kernel_name(self, layer: Layer) -> str:
+        """The path of the layer's kernel in `state` (`qjax.rules.path_name`)."""
+
+    def not_reached(self, layers: list[Layer], batch: Any) -> list[tuple[str, tuple[int, ...]]]:
+        """(path, shape) of the floating variables that enter a matrix product in the forward
+        pass on `batch` but are not the kernel of one of `layers` (a custom layer's own
+        parameter, a tied embedding): what quantization does not reach."""
+        leaves = jax.tree_util.tree_leaves_with_path(self.state)
+        reached = {self.kernel_name(layer) for layer in layers}
+        out = []
+        for index in sorted(multiplied_leaves(self.forward, self.state, batch)):
+            keypath, leaf = leaves[index]
+            name = path_name(keypath)
+            if name not in reached and jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+                out.append((name, tuple(np.shape(leaf))))
+        return out
+
+    @abc.abstractmethod
     def check_inputs(
         self, layers: list[Layer], batch: Any
     ) -> tuple[dict[str, bool], dict[str, tuple[int, int, int]]]:
@@ -306,9 +392,11 @@ class Adapter(abc.ABC):
         batch: Any,
         *,
         sequential: bool,
+        data: Mapping[str, Any],
     ) -> tuple[Any, dict[str, np.ndarray]]:
         """One forward pass on `batch` (`run_paired`) quantizing, in call order, every layer of
-        `quantizers` (by path) with `paired_kernel`.
+        `quantizers` (by path) with `paired_kernel`, given its quantizer's `data` (by path:
+        arguments of the compiled pass, not part of it).
 
         Returns:
           (the float state with those layers' kernels quantized, {path: errors of shape
@@ -365,7 +453,7 @@ class PairedPass:
 
 
 def paired_kernel(
-    kernel: jax.Array, x: jax.Array, quantizer: LayerQuantizer, *, sequential: bool
+    kernel: jax.Array, x: jax.Array, quantizer: LayerQuantizer, data: Any, *, sequential: bool
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Inside `run_paired`, at one layer call: the kernel this member computes with, Q, and the
     layer's errors.
@@ -375,6 +463,7 @@ def paired_kernel(
       x: this member's input of the layer: X in member 0 (float), X~ in member 1; not
         sequential, the float model's input X (then X~ = X).
       quantizer: the engine's step for this layer.
+      data: the quantizer's numbers (see `LayerQuantizer`).
       sequential: as in `run_paired`.
 
     Returns:
@@ -382,11 +471,11 @@ def paired_kernel(
     """
     if sequential:
         both = jax.lax.all_gather(x, PAIR_AXIS)  # one value, not per member: quantized once
-        q, errors = quantizer(kernel, both[0], both[1])
+        q, errors = quantizer(kernel, both[0], both[1], data)
         member = jax.lax.axis_index(PAIR_AXIS)
         used = jnp.where(member == 0, kernel, q.astype(kernel.dtype))
     else:
-        q, errors = quantizer(kernel, x, x)
+        q, errors = quantizer(kernel, x, x, data)
         used = kernel
     jax.debug.callback(PairedPass._layer_done, errors)
     return used, q.astype(kernel.dtype), errors
@@ -396,11 +485,12 @@ KEPT_PAIRED_PASSES = 4
 
 
 def compiled_per_spec(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """`fn(model, quantizers, call, sequential, state, batch)` jit-compiled once per
+    """`fn(model, quantizers, call, sequential, state, batch, data)` jit-compiled once per
     distinct static first four arguments, keeping only the `KEPT_PAIRED_PASSES` most recently
     used compilations.
 
-    Every set of layer specs (a method, an alphabet, a scale constant C) is its own program. A
+    Every set of layer specs (a method, an alphabet size and layout) is its own program; numbers
+    that do not change it (a scale constant C) are `data`, so a sweep over C compiles once. A
     plain `jax.jit` keeps each one for the life of the process, and a sweep over a few dozen
     specs then runs out of memory for compiled code (on CPU, the 64-spec CIFAR-10 CNN sweep of
     `experiments/gpfq` failed at its 64th). Dropping a jitted function frees its programs.
@@ -411,8 +501,8 @@ def compiled_per_spec(fn: Callable[..., Any]) -> Callable[..., Any]:
         return jax.jit(functools.partial(fn, *static))
 
     @functools.wraps(fn)
-    def run(model, quantizers, call, sequential, state, batch):
-        return compiled(model, quantizers, call, sequential)(state, batch)
+    def run(model, quantizers, call, sequential, state, batch, data):
+        return compiled(model, quantizers, call, sequential)(state, batch, data)
 
     run.cache_info = compiled.cache_info
     return run

@@ -35,7 +35,11 @@ __all__ = ["LinenAdapter"]
 
 
 def _kind(module: nn.Module, kernel_shape: tuple[int, ...]) -> kinds.LayerKind | str:
-    """The layer kind of a Linen module, or why it has none."""
+    """The layer kind of a Linen module (`qjax.layers.register_layer` first), or why it has
+    none."""
+    registered = kinds.registered_layer(module)
+    if registered is not None:
+        return registered.kind_of(module, kernel_shape)
     if isinstance(module, nn.Dense):
         return kinds.Dense()
     if isinstance(module, nn.DenseGeneral):
@@ -84,17 +88,19 @@ class LinenAdapter(Adapter):
         return self._variables
 
     def layers(self, batch) -> list[Layer]:
-        calls: dict[tuple[str, ...], tuple[nn.Module, tuple[int, ...]]] = {}
+        calls: dict[tuple[str, ...], tuple[nn.Module, tuple[int, ...], str]] = {}
         counts: dict[tuple[str, ...], int] = {}
 
         def record(next_fun, args, kwargs, context):
             if context.method_name == "__call__":
                 module = context.module
+                registered = kinds.registered_layer(module)
+                param = registered.param if registered is not None else "kernel"
                 params = module.variables.get("params", {})
-                if "kernel" in params:
+                if param in params:
                     path = tuple(module.path)
-                    kernel = nn.meta.unbox(params["kernel"])
-                    calls.setdefault(path, (module, tuple(np.shape(kernel))))
+                    kernel = nn.meta.unbox(params[param])
+                    calls.setdefault(path, (module, tuple(np.shape(kernel)), param))
                     counts[path] = counts.get(path, 0) + 1
             return next_fun(*args, **kwargs)
 
@@ -106,16 +112,13 @@ class LinenAdapter(Adapter):
                     batch,
                 )
         except (TypeError, ValueError, AssertionError, flax.errors.FlaxError) as error:
-            raise ValueError(call_error(error, self.model, batch)) from error
+            raise ValueError(call_error(error, type(self.model), batch)) from error
 
         found = []
-        kernel_paths = {
-            path[:-1]: leaf.shape
-            for path, leaf in _flat(self._variables["params"]).items()
-            if path[-1] == "kernel"
-        }
-        for path, (module, seen_shape) in calls.items():
-            if path not in kernel_paths:
+        flat = _flat(self._variables["params"])
+        kernel_paths = {path[:-1] for path in flat if path[-1] == "kernel"}
+        for path, (module, seen_shape, param) in calls.items():
+            if (*path, param) not in flat:
                 continue
             name = "/".join(path)
             self._keys[name] = path
@@ -124,25 +127,32 @@ class LinenAdapter(Adapter):
                     name,
                     _kind(module, seen_shape),
                     type(module).__name__,
-                    stored_shape=tuple(kernel_paths[path]),
+                    stored_shape=tuple(flat[(*path, param)].shape),
                     seen_shape=seen_shape,
                     calls=counts[path],
+                    param=param,
                 )
             )
-        for path in sorted(set(kernel_paths) - set(calls)):
+        for path in sorted(kernel_paths - set(calls)):
             name = "/".join(path)
             self._keys[name] = path
             found.append(Layer(name, None, "?", (), "is never called"))
         return found
 
+    def forward(self, state, batch):
+        return _run(self.model, self.call, self.mutable, state, batch)
+
+    def kernel_name(self, layer: Layer) -> str:
+        return "/".join(("params", *self._keys[layer.path], layer.param))
+
     def kernel(self, state, layer: Layer) -> jax.Array:
         node = state["params"]
         for key in self._keys[layer.path]:
             node = node[key]
-        return node["kernel"]
+        return node[layer.param]
 
     def with_kernel(self, state, layer: Layer, kernel: jax.Array):
-        target = ("params", *self._keys[layer.path], "kernel")
+        target = ("params", *self._keys[layer.path], layer.param)
 
         def replace(keypath, leaf):
             return kernel if tuple(k.key for k in keypath) == target else leaf
@@ -163,14 +173,16 @@ class LinenAdapter(Adapter):
         static = (self._model, paths, self.call, Static(self.mutable))
         return InputChecks.collect(lambda: _checking_pass(*static, self._variables, batch))
 
-    def paired_pass(self, layers, quantizers, batch, *, sequential):
+    def paired_pass(self, layers, quantizers, batch, *, sequential, data):
+        todo = [layer for layer in layers if layer.path in quantizers]
         out = _paired_pass(
             self._model,
-            tuple((self._keys[path], q) for path, q in quantizers.items()),
+            tuple((self._keys[x.path], x.param, quantizers[x.path]) for x in todo),
             (self.call, Static(self.mutable)),
             sequential,
             self._variables,
             batch,
+            tuple(data[x.path] for x in todo),
         )
         current, errors = self._variables, {}
         for layer in layers:
@@ -251,19 +263,25 @@ _Q_NAME, _ERRORS_NAME = "_qjax_q", "_qjax_errors"
 
 
 @compiled_per_spec
-def _paired_pass(model, quantizers, call, sequential, variables, batch):
+def _paired_pass(model, quantizers, call, sequential, variables, batch, data):
     """`LinenAdapter.paired_pass` as one compiled program: {module path: (Q, errors)}. The
     kernels are swapped in with `put_variable`, so the "params" collection is mutable during the
     pass (also under `nn.scan`, whose variable axes then stack Q and the errors)."""
-    by_path = dict(quantizers)
+    by_path = {
+        path: (param, quantizer, numbers)
+        for (path, param, quantizer), numbers in zip(quantizers, data, strict=True)
+    }
 
     def swap(next_fun, args, kwargs, context):
         module = context.module
-        quantizer = by_path.get(tuple(module.path)) if context.method_name == "__call__" else None
-        if quantizer is not None:
-            kernel = module.get_variable("params", "kernel")
-            kernel, q, errors = paired_kernel(kernel, args[0], quantizer, sequential=sequential)
-            module.put_variable("params", "kernel", kernel)
+        found = by_path.get(tuple(module.path)) if context.method_name == "__call__" else None
+        if found is not None:
+            param, quantizer, numbers = found
+            kernel = module.get_variable("params", param)
+            kernel, q, errors = paired_kernel(
+                kernel, args[0], quantizer, numbers, sequential=sequential
+            )
+            module.put_variable("params", param, kernel)
             module.put_variable("params", _Q_NAME, q)
             module.put_variable("params", _ERRORS_NAME, errors)
         return next_fun(*args, **kwargs)
@@ -276,7 +294,7 @@ def _paired_pass(model, quantizers, call, sequential, variables, batch):
         with nn.intercept_methods(swap):
             _, mutated = _run(model.value, call, mutable, variables, batch)
         out = {}
-        for path, _ in quantizers:
+        for path, _, _ in quantizers:
             node = mutated["params"]
             for key in path:
                 node = node[key]

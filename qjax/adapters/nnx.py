@@ -45,6 +45,9 @@ _LAYER_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv)
 
 
 def _kind(module: nnx.Module, kernel_shape, call_kwargs) -> kinds.LayerKind | str:
+    registered = kinds.registered_layer(module)
+    if registered is not None:
+        return registered.kind_of(module, kernel_shape)
     if isinstance(module, nnx.Linear):
         return kinds.Dense()
     if isinstance(module, nnx.LinearGeneral):
@@ -77,10 +80,22 @@ def _kind(module: nnx.Module, kernel_shape, call_kwargs) -> kinds.LayerKind | st
     return f"is a {type(module).__name__}"
 
 
+def _param(module) -> str:
+    """The name of a module's kernel attribute."""
+    registered = kinds.registered_layer(module)
+    return registered.param if registered is not None else "kernel"
+
+
 @contextlib.contextmanager
-def _recording(hook, types=_LAYER_TYPES):
-    """Makes every call of a quantizable NNX layer (of `types`) call `hook(module, args, kwargs)`
-    first."""
+def _recording(hook, extra=()):
+    """Makes every call of a quantizable NNX layer (built in or registered, and of the classes
+    `extra`) call `hook(module, args, kwargs)` first."""
+    types = [*_LAYER_TYPES, *kinds.registered_classes(), *extra]
+    types = [
+        cls
+        for cls in dict.fromkeys(types)
+        if issubclass(cls, nnx.Module) and "__call__" in vars(cls)
+    ]
     originals = {cls: cls.__call__ for cls in types}
 
     def wrap(cls):
@@ -134,16 +149,19 @@ class NNXAdapter(Adapter):
     def __init__(self, module: nnx.Module, call: ModelCall):
         if not isinstance(module, nnx.Module):
             raise ValueError(f"expected an nnx.Module, got {type(module).__name__}")
+        self._type = type(module)
         copy = nnx.clone(module)
         if hasattr(copy, "eval"):
             copy.eval()
         self._paths: dict[str, tuple[Any, ...]] = {}
+        self._params: dict[str, str] = {}
         for keypath, sub in nnx.iter_graph(copy):
-            if isinstance(sub, nnx.Module) and (hasattr(sub, "kernel") or _is_embed(sub)):
+            if isinstance(sub, nnx.Module) and (hasattr(sub, _param(sub)) or _is_embed(sub)):
                 name = path_name(keypath)
                 object.__setattr__(sub, _PATH_ATTRIBUTE, name)
-                if hasattr(sub, "kernel"):
+                if hasattr(sub, _param(sub)):
                     self._paths[name] = tuple(keypath)
+                    self._params[name] = _param(sub)
         self.graphdef, self._state = nnx.split(copy)
         self._graphdef = Static(self.graphdef)
         self.call = call
@@ -159,7 +177,7 @@ class NNXAdapter(Adapter):
         def hook(module, args, kwargs):
             name = getattr(module, _PATH_ATTRIBUTE, None)
             if name is not None:
-                shape = tuple(np.shape(_value(module.kernel)))
+                shape = tuple(np.shape(_value(getattr(module, self._params[name]))))
                 calls.setdefault(name, (module, shape, dict(kwargs)))
                 counts[name] = counts.get(name, 0) + 1
 
@@ -170,7 +188,7 @@ class NNXAdapter(Adapter):
             with _recording(hook):
                 jax.eval_shape(forward, self._state, batch)
         except (TypeError, ValueError, AssertionError) as error:
-            raise ValueError(call_error(error, self.graphdef, batch)) from error
+            raise ValueError(call_error(error, self._type, batch)) from error
 
         found = []
         for name, (module, seen_shape, kwargs) in calls.items():
@@ -182,6 +200,7 @@ class NNXAdapter(Adapter):
                     stored_shape=tuple(np.shape(self._variable(self._state, name))),
                     seen_shape=seen_shape,
                     calls=counts[name],
+                    param=self._params[name],
                 )
             )
         for name in self._paths:
@@ -193,7 +212,13 @@ class NNXAdapter(Adapter):
         node = state
         for key in self._paths[path]:
             node = node[key]
-        return node["kernel"]
+        return node[self._params[path]]
+
+    def forward(self, state, batch):
+        return self.call(nnx.merge(self.graphdef, state), batch)
+
+    def kernel_name(self, layer: Layer) -> str:
+        return "/".join([*([layer.path] if layer.path else []), layer.param])
 
     def kernel(self, state, layer: Layer) -> jax.Array:
         return _value(self._variable(state, layer.path))
@@ -224,26 +249,30 @@ class NNXAdapter(Adapter):
         paths = frozenset(layer.path for layer in layers)
 
         def run():
-            with _recording(_check_hook, (*_LAYER_TYPES, nnx.Embed)):
+            with _recording(_check_hook, (nnx.Embed,)):
                 _checking_pass(self._graphdef, paths, self.call, self._state, batch)
 
         return InputChecks.collect(run)
 
-    def paired_pass(self, layers, quantizers, batch, *, sequential):
+    def paired_pass(self, layers, quantizers, batch, *, sequential, data):
         stacks = {layer.path: layer.stack_shape for layer in layers}
         module = nnx.merge(self.graphdef, self._state)
         for path in quantizers:  # slots for each layer's Q and errors, scanned like its kernel
             owner = _submodule(module, self._paths[path])
-            setattr(owner, _Q_ATTRIBUTE, _PassOutput(jnp.zeros_like(_value(owner.kernel))))
+            kernel = _value(getattr(owner, self._params[path]))
+            setattr(owner, _Q_ATTRIBUTE, _PassOutput(jnp.zeros_like(kernel)))
             setattr(owner, _ERRORS_ATTRIBUTE, _PassOutput(jnp.zeros((*stacks[path], 3))))
         graphdef, state = nnx.split(module)
         out = _paired_pass(
             Static(graphdef),
-            tuple((path, self._paths[path], q) for path, q in quantizers.items()),
+            tuple(
+                (path, self._paths[path], self._params[path], q) for path, q in quantizers.items()
+            ),
             self.call,
             sequential,
             state,
             batch,
+            {path: data[path] for path in quantizers},
         )
         current, errors = self._state, {}
         for path, (kernel, error) in out.items():
@@ -319,17 +348,23 @@ def _stacked_pass(graphdef, path, call, state, batch):
 
 
 @compiled_per_spec
-def _paired_pass(graphdef, quantizers, call, sequential, state, batch):
+def _paired_pass(graphdef, quantizers, call, sequential, state, batch, data):
     """`NNXAdapter.paired_pass` as one compiled program: {path: (Q, errors)}."""
-    by_path = {path: quantizer for path, _, quantizer in quantizers}
+    by_path = {path: (param, quantizer) for path, _, param, quantizer in quantizers}
 
     def hook(module, args, kwargs):
-        quantizer = by_path.get(getattr(module, _PATH_ATTRIBUTE, None))
-        if quantizer is not None:
+        module_path = getattr(module, _PATH_ATTRIBUTE, None)
+        found = by_path.get(module_path)
+        if found is not None:
+            param, quantizer = found
             kernel, q, errors = paired_kernel(
-                _value(module.kernel), args[0], quantizer, sequential=sequential
+                _value(getattr(module, param)),
+                args[0],
+                quantizer,
+                data[module_path],
+                sequential=sequential,
             )
-            _set_value(module.kernel, kernel)
+            _set_value(getattr(module, param), kernel)
             _set_value(getattr(module, _Q_ATTRIBUTE), q)
             _set_value(getattr(module, _ERRORS_ATTRIBUTE), errors)
 
@@ -338,7 +373,7 @@ def _paired_pass(graphdef, quantizers, call, sequential, state, batch):
         with _recording(hook):
             call(module, batch)
         out = {}
-        for path, keys, _ in quantizers:
+        for path, keys, _, _ in quantizers:
             owner = _submodule(module, keys)
             out[path] = (
                 _value(getattr(owner, _Q_ATTRIBUTE)),
