@@ -164,7 +164,8 @@ def accumulate(stats: GramStats, x: jax.Array, x_tilde: jax.Array) -> GramStats:
     """Adds X~ᵀX~, X~ᵀX (and XᵀX) of one batch of rows: the pure, traceable update.
 
     This is the update of single-device statistics; with a mesh, each device runs it on its own
-    rows (`gram_stats_update`).
+    rows (`gram_stats_update`). When `x_tilde` is `x` (the same array or tracer: a first layer,
+    where X~ = X), one product X~ᵀX~ serves as both.
 
     Args:
       stats: the running `GramStats`.
@@ -175,19 +176,26 @@ def accumulate(stats: GramStats, x: jax.Array, x_tilde: jax.Array) -> GramStats:
       The updated `GramStats`.
     """
     dtype = stats.gram.dtype
+    same = x_tilde is x
     x, x_tilde = x.astype(dtype), x_tilde.astype(dtype)
     # Contract the row axis: (..., m, N0)ᵀ(..., m, N0) -> (..., N0, N0), in full float32 precision
     # (on GPUs the default float32 matmul precision would use TF32 and lose the small residuals).
     xt_t = jnp.swapaxes(x_tilde, -1, -2)
-    gram = stats.gram + jnp.matmul(xt_t, x_tilde, precision=_HIGHEST)
-    cross = stats.cross + jnp.matmul(xt_t, x, precision=_HIGHEST)
+    gram_product = jnp.matmul(xt_t, x_tilde, precision=_HIGHEST)
+    cross_product = gram_product if same else jnp.matmul(xt_t, x, precision=_HIGHEST)
+    gram, cross = stats.gram + gram_product, stats.cross + cross_product
     float_gram = stats.float_gram
     if float_gram is not None:
-        float_gram = float_gram + jnp.matmul(jnp.swapaxes(x, -1, -2), x, precision=_HIGHEST)
+        float_product = (
+            gram_product if same else jnp.matmul(jnp.swapaxes(x, -1, -2), x, precision=_HIGHEST)
+        )
+        float_gram = float_gram + float_product
     return GramStats(gram, cross, stats.count + x.shape[-2], float_gram)
 
 
 _accumulate_jit = jax.jit(accumulate, donate_argnums=0)
+# X~ = X: one array, so that `accumulate` sees it twice and computes one product.
+_accumulate_same_jit = jax.jit(lambda stats, x: accumulate(stats, x, x), donate_argnums=0)
 
 
 @functools.partial(jax.jit, static_argnames="mesh", donate_argnums=0)
@@ -259,8 +267,9 @@ def gram_stats_update(stats: GramStats, x: ArrayLike, x_tilde: ArrayLike) -> Gra
       The updated `GramStats`.
     """
     total_shape = stats.gram.shape[stats.count.ndim :]  # without the device axis
+    same = x_tilde is x
     x = _checked_rows("x", x, batch_ndim=len(total_shape) - 2)
-    x_tilde = _checked_rows("x_tilde", x_tilde, batch_ndim=len(total_shape) - 2)
+    x_tilde = x if same else _checked_rows("x_tilde", x_tilde, batch_ndim=len(total_shape) - 2)
     if x.shape != x_tilde.shape:
         raise ValueError(
             f"x and x_tilde must have the same shape, got {x.shape} and {x_tilde.shape}"
@@ -271,6 +280,8 @@ def gram_stats_update(stats: GramStats, x: ArrayLike, x_tilde: ArrayLike) -> Gra
             f"{total_shape[:-2]} + (m, {total_shape[-1]})"
         )
     if not stats.per_device:
+        if same:
+            return _accumulate_same_jit(stats, x)
         return _accumulate_jit(stats, x, x_tilde)
     mesh = _mesh_of_stats(stats)
     x, rows = _mesh.place_rows("x", x, mesh, rows_axis=x.ndim - 2)
@@ -299,10 +310,12 @@ def gram_stats(
     Returns:
       `GramStats`.
     """
+    same = x_tilde is x  # X~ = X: one product per batch serves G and H
     x = _checked_rows("x", x)
-    x_tilde = _checked_rows("x_tilde", x_tilde)
+    x_tilde = x if same else _checked_rows("x_tilde", x_tilde)
     if mesh is None:  # on the device once, not per batch
-        x, x_tilde = jnp.asarray(x), jnp.asarray(x_tilde)
+        x = jnp.asarray(x)
+        x_tilde = x if same else jnp.asarray(x_tilde)
     if batch_size is not None:
         check_positive_int("batch_size", batch_size)
     stats = gram_stats_init(
@@ -313,7 +326,8 @@ def gram_stats(
         mesh=mesh,
     )
     for rows in _mesh.row_slices(x.shape[-2], batch_size, mesh):
-        stats = gram_stats_update(stats, x[..., rows, :], x_tilde[..., rows, :])
+        x_rows = x[..., rows, :]
+        stats = gram_stats_update(stats, x_rows, x_rows if same else x_tilde[..., rows, :])
     return stats
 
 
