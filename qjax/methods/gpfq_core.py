@@ -64,11 +64,10 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 
 # ----------------------------------------------------------------------------------------------
-# The greedy scan, for one neuron; vmapped across neurons below.
+# The greedy scan of a run of inputs, all neurons at once (rows of N1 numbers, contiguous).
 
 
-def _neuron_gram(
-    w: jax.Array,
+def _leaf_scan(
     target: jax.Array,
     gram: jax.Array,
     dead: jax.Array,
@@ -76,41 +75,47 @@ def _neuron_gram(
     block_size: int,
     offset: int,
 ) -> jax.Array:
-    """GPFQ for one neuron from G (N0p × N0p, N0p a multiple of block_size).
+    """The greedy choices of a run of n inputs (n a multiple of block_size), all neurons at once.
+
+    Input t is rounded from (T_t − Σ_{s<t} G_ts q_s) / G_tt. A block of B inputs first takes the
+    sum over the earlier blocks as one product, then a scan handles its inputs one by one, each
+    step reading the block's B × N1 codes so far (rows of N1 contiguous numbers: the layout of
+    W, so no step gathers a strided column).
 
     Args:
-      w: the neuron's weights (N0p,) (used only for its dtype).
-      target: Σ_{s≤t} H_ts w_s for each t, shape (N0p,).
-      gram: G = X~ᵀX~.
-      dead: (N0p,) bool, inputs whose ||X~_t|| is numerically zero.
-      alphabet: this neuron's alphabet.
+      target: T, shape (n, N1).
+      gram: G (or a method's coupling matrix), symmetric (n, n).
+      dead: (n,) bool, inputs whose ||X~_t|| is numerically zero.
+      alphabet: the alphabet, scalar or (N1,) (per neuron) or group-wise parameters.
       block_size: B.
       offset: the index in the whole layer of this run's first input (for group-wise alphabets).
 
     Returns:
-      q, shape (N0p,).
+      Q, shape (n, N1), in target's dtype.
     """
-    n0 = w.shape[0]
+    n = target.shape[0]
     diag = jnp.diagonal(gram)
 
     def block_step(b, q):
         start = b * block_size
-        rows = jax.lax.dynamic_slice_in_dim(gram, start, block_size, axis=0)  # (B, N0p)
+        rows = jax.lax.dynamic_slice_in_dim(gram, start, block_size, axis=0)  # (B, n)
         block_gram = jax.lax.dynamic_slice_in_dim(rows, start, block_size, axis=1)  # (B, B)
-        # Σ_{s<start} G_ts q_s for the block's t: q is still zero from `start` on.
-        earlier = jnp.matmul(rows, q, precision=_HIGHEST)
+        # T_t − Σ_{s<start} G_ts q_s for the block's t: q is still zero from `start` on.
+        block_target = jax.lax.dynamic_slice_in_dim(target, start, block_size, axis=0)
+        block_target = block_target - jnp.matmul(rows, q, precision=_HIGHEST)
 
-        def input_step(correction, j):
+        def input_step(q_block, j):
             t = start + j
-            argument = _argument(target[t] - correction[j], diag[t], dead[t])
+            # Σ over the block's earlier inputs (q_block is zero from row j on).
+            within = jnp.matmul(block_gram[j], q_block, precision=_HIGHEST)
+            argument = _argument(block_target[j] - within, diag[t], dead[t])
             q_t = nearest_letter(alphabet.for_input(offset + t), argument)
-            # G is symmetric: row j is column j, and rows are contiguous.
-            return correction + block_gram[j] * q_t, q_t
+            return jax.lax.dynamic_update_index_in_dim(q_block, q_t, j, axis=0), None
 
-        _, q_block = jax.lax.scan(input_step, earlier, jnp.arange(block_size))
-        return jax.lax.dynamic_update_slice_in_dim(q, q_block.astype(q.dtype), start, axis=0)
+        q_block, _ = jax.lax.scan(input_step, jnp.zeros_like(block_target), jnp.arange(block_size))
+        return jax.lax.dynamic_update_slice_in_dim(q, q_block, start, axis=0)
 
-    return jax.lax.fori_loop(0, n0 // block_size, block_step, jnp.zeros_like(w))
+    return jax.lax.fori_loop(0, n // block_size, block_step, jnp.zeros_like(target))
 
 
 def _neuron_residual(
@@ -182,7 +187,7 @@ def _greedy_segment(
       cross: H[S, S], or None if `rhs` already holds all of Σ_{s≤t} H_ts w_s (or H = G, with
         `difference`).
       dead: (n,) bool.
-      alphabet: per-neuron alphabet (leading axis N1).
+      alphabet: the alphabet (scalar, (N1,) or group-wise parameters).
       block_size: B.
       leaf_size: runs of at most this many inputs go to the scan.
       difference: H = G (`cross` is None): the targets are Σ_{s≤t} G_ts w_s.
@@ -196,12 +201,7 @@ def _greedy_segment(
         own = gram if difference else cross
         if own is not None:
             rhs = rhs + jnp.matmul(jnp.tril(own), w, precision=_HIGHEST)
-        quantize = jax.vmap(
-            functools.partial(_neuron_gram, block_size=block_size, offset=offset),
-            in_axes=(1, 1, None, None, 0),
-            out_axes=1,
-        )
-        return quantize(w, rhs, gram, dead, alphabet)
+        return _leaf_scan(rhs, gram, dead, alphabet, block_size, offset)
     half = math.ceil(n / 2 / block_size) * block_size
     first, second = slice(None, half), slice(half, None)
     recurse = functools.partial(
@@ -269,7 +269,7 @@ def greedy(
     Returns:
       Q, shape (N0, N1), dtype of w.
     """
-    n0, n1 = w.shape
+    n0 = w.shape[0]
     block = min(block_size, n0)
     padded = math.ceil(n0 / block) * block
     pad = padded - n0
@@ -286,7 +286,7 @@ def greedy(
         gram,
         cross,
         dead,
-        _per_neuron(alphabet, n1),
+        alphabet,
         block_size=block,
         leaf_size=LEAF_BLOCKS * block,
         difference=difference,
