@@ -9,6 +9,7 @@ one run, on the same data:
     python -m benchmarks.gpfq_scale --skip-large   # without 4096 -> 11008 and 11008 -> 4096
     python -m benchmarks.gpfq_scale --small        # a quick smoke run
     python -m benchmarks.gpfq_scale --summation    # only table (5), about 2 minutes
+    python -m benchmarks.gpfq_scale --ratios       # only table (1)
 
 Tables: (1) time / floor for m = 5k, 20k, 100k on the dense layer 784 -> 500 and for 4096 -> 11008
 (GPFQ and GPTQ) and 11008 -> 4096 at m = 2048 (target <= 1.3), each ratio the best of
@@ -258,6 +259,7 @@ def main():
     parser.add_argument("--worker", type=int, nargs=3, metavar=("M", "N0", "N1"), help="internal")
     parser.add_argument("--batch-rows", type=int, default=4096)
     parser.add_argument("--summation", action="store_true", help="only table (5)")
+    parser.add_argument("--ratios", action="store_true", help="only table (1)")
     args = parser.parse_args()
     if args.worker:
         worker(*args.worker, args.batch_rows, args.repeats)
@@ -296,6 +298,9 @@ def main():
                 f"| {name} | {m} | gptq | {best['gptq_floor']:.3f} | {best['gptq']:.3f} | | | "
                 f"{format_ratio(t, 'gptq', 'gptq_floor')} |"
             )
+
+    if args.ratios:
+        return
 
     print("\n(2) cost curve: fitted exponents p of time ∝ size^p (other sizes fixed)")
     print("| varied | sizes | statistics part | scan part | whole |")

@@ -65,6 +65,11 @@ __all__ = [
 ]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+# X~ᵀX~ is symmetric: its products are taken on the upper triangle of a grid of at most
+# GRAM_BLOCKS × GRAM_BLOCKS column blocks of at least GRAM_BLOCK_MIN columns (measured on 2 CPU
+# cores: 0.77-0.86 of the full product's time at N0 = 784 and 1152, up to 4 blocks).
+GRAM_BLOCKS = 4
+GRAM_BLOCK_MIN = 256
 
 
 DEFAULT_AXIS_NAME = "devices"
@@ -180,17 +185,36 @@ def accumulate(stats: GramStats, x: jax.Array, x_tilde: jax.Array) -> GramStats:
     x, x_tilde = x.astype(dtype), x_tilde.astype(dtype)
     # Contract the row axis: (..., m, N0)ᵀ(..., m, N0) -> (..., N0, N0), in full float32 precision
     # (on GPUs the default float32 matmul precision would use TF32 and lose the small residuals).
-    xt_t = jnp.swapaxes(x_tilde, -1, -2)
-    gram_product = jnp.matmul(xt_t, x_tilde, precision=_HIGHEST)
-    cross_product = gram_product if same else jnp.matmul(xt_t, x, precision=_HIGHEST)
+    gram_product = _symmetric_gram(x_tilde)
+    cross_product = (
+        gram_product if same else jnp.matmul(jnp.swapaxes(x_tilde, -1, -2), x, precision=_HIGHEST)
+    )
     gram, cross = stats.gram + gram_product, stats.cross + cross_product
     float_gram = stats.float_gram
     if float_gram is not None:
-        float_product = (
-            gram_product if same else jnp.matmul(jnp.swapaxes(x, -1, -2), x, precision=_HIGHEST)
-        )
+        float_product = gram_product if same else _symmetric_gram(x)
         float_gram = float_gram + float_product
     return GramStats(gram, cross, stats.count + x.shape[-2], float_gram)
+
+
+def _symmetric_gram(a: jax.Array) -> jax.Array:
+    """AᵀA for rows a (..., m, N0) from the products of its upper block triangle only.
+
+    The columns are split into k ≤ `GRAM_BLOCKS` blocks of at least `GRAM_BLOCK_MIN` columns;
+    the k(k+1)/2 products on and above the diagonal are computed and the rest are their
+    transposes, (k + 1)/2k of the work of the full product (5/8 for k = 4), and AᵀA comes out
+    exactly symmetric.
+    """
+    n0 = a.shape[-1]
+    k = max(1, min(GRAM_BLOCKS, n0 // GRAM_BLOCK_MIN))
+    bounds = [round(i * n0 / k) for i in range(k + 1)]
+    columns = [a[..., bounds[i] : bounds[i + 1]] for i in range(k)]
+    blocks = [[None] * k for _ in range(k)]
+    for i in range(k):
+        for j in range(i, k):
+            product = jnp.matmul(jnp.swapaxes(columns[i], -1, -2), columns[j], precision=_HIGHEST)
+            blocks[i][j], blocks[j][i] = product, jnp.swapaxes(product, -1, -2)
+    return jnp.block(blocks)
 
 
 _accumulate_jit = jax.jit(accumulate, donate_argnums=0)

@@ -77,3 +77,15 @@ def test_first_layer_statistics_take_one_product():
     for matrix in (stats.gram, stats.cross, stats.float_gram):
         np.testing.assert_allclose(matrix, exact, rtol=0, atol=tolerance)
     np.testing.assert_array_equal(stats.cross, stats.gram)
+
+
+def test_gram_from_its_upper_block_triangle_is_symmetric_and_exact():
+    """N0 = 1100 splits X~ᵀX~ into 4 × 4 column blocks (10 products); batch axes pass through."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(2, 40, 1100)).astype(np.float32)
+    stats = gram_stats(x, x + 0.1, track_error=True)
+    for matrix, (a, b) in ((stats.gram, (x + 0.1, x + 0.1)), (stats.float_gram, (x, x))):
+        exact = np.einsum("gmi,gmj->gij", a.astype(np.float64), b.astype(np.float64))
+        tolerance = x.shape[1] * np.finfo(np.float32).eps * np.max(a * a)
+        np.testing.assert_allclose(matrix, exact, rtol=0, atol=tolerance)
+        np.testing.assert_array_equal(matrix, np.swapaxes(matrix, -1, -2))
