@@ -2,20 +2,24 @@
 
 The floor of a layer is the time of jitted matmuls with GPFQ's arithmetic: the two Gram products
 X~ᵀX~ and X~ᵀX, plus one (N0 × N0)·(N0 × N1) product standing for the blocked ("lazy batch")
-updates of the scan. Everything is measured in this one run, on the same data:
+updates of the scan (for GPTQ also the Cholesky factor of G). Everything is measured in this
+one run, on the same data:
 
     python -m benchmarks.gpfq_scale                # all sizes (about 10 minutes on 2 CPU cores)
-    python -m benchmarks.gpfq_scale --skip-large   # without the 4096 -> 11008 layer
+    python -m benchmarks.gpfq_scale --skip-large   # without 4096 -> 11008 and 11008 -> 4096
     python -m benchmarks.gpfq_scale --small        # a quick smoke run
     python -m benchmarks.gpfq_scale --summation    # only table (5), about 2 minutes
+    python -m benchmarks.gpfq_scale --ratios       # only table (1)
 
 Tables: (1) time / floor for m = 5k, 20k, 100k on the dense layer 784 -> 500 and for 4096 -> 11008
-at m = 2048 (target <= 1.5); (2) fitted exponents of the statistics ("Gram") part and the scan
-part versus m, N0 and N1; (3) speed-up of `qjax.gpfq_layer(..., mesh=)` on 2, 4 and 8 simulated
-CPU devices over 1 (each in a subprocess with XLA_FLAGS; on a CPU this only shows that the sharded
-program scales, not real multi-device speed); (4) peak memory of the compiled programs; (5) the
-summation scheme of the statistics, plain float32 (qjax's) against Kahan-compensated: error
-against float64 over 10^6 rows, GPFQ codes, and the time of the accumulation.
+(GPFQ and GPTQ) and 11008 -> 4096 at m = 2048 (target <= 1.3), each ratio the best of
+`--repeats` interleaved rounds with the range of the per-round ratios; (2) fitted exponents of
+the statistics ("Gram") part and the scan part versus m, N0 and N1; (3) speed-up of
+`qjax.gpfq_layer(..., mesh=)` on 2, 4 and 8 simulated CPU devices over 1 (each in a subprocess
+with XLA_FLAGS; on a CPU this only shows that the sharded program scales, not real multi-device
+speed); (4) peak memory of the compiled programs; (5) the summation scheme of the statistics,
+plain float32 (qjax's) against Kahan-compensated: error against float64 over 10^6 rows, GPFQ
+codes, and the time of the accumulation.
 """
 
 from __future__ import annotations
@@ -33,19 +37,12 @@ import jax.numpy as jnp
 import numpy as np
 
 import qjax
-from benchmarks.timing import best_time
+from benchmarks.gpfq_layer import gpfq_floor, gptq_floor
+from benchmarks.timing import best_time, format_ratio, interleaved_times
 from qjax import alphabets, stats
 from qjax.methods import gpfq
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-
-
-@jax.jit
-def floor_program(x, x_tilde, w):
-    """The floor: X~ᵀX~, X~ᵀX and one (N0 × N0)·(N0 × N1) product, one jitted program."""
-    gram = jnp.matmul(x_tilde.T, x_tilde, precision=_HIGHEST)
-    cross = jnp.matmul(x_tilde.T, x, precision=_HIGHEST)
-    return gram, jnp.matmul(cross, w, precision=_HIGHEST)
 
 
 def layer_inputs(m, n0, n1, seed=0):
@@ -56,17 +53,23 @@ def layer_inputs(m, n0, n1, seed=0):
     return w, x, x_tilde
 
 
-def measure(m, n0, n1, repeats):
-    """Floor, whole GPFQ, and its two parts (statistics; scan from statistics), in seconds."""
+def measure(m, n0, n1, rounds, *, gptq=False):
+    """Interleaved times (lists over rounds) of the floor, whole GPFQ, and its two parts
+    (statistics; scan from statistics); with `gptq`, GPTQ's floor and whole layer too."""
     w, x, x_tilde = layer_inputs(m, n0, n1)
     alphabet = alphabets.for_weights(w, c=2.0, bits=2)
     stats = qjax.gram_stats(x, x_tilde)
-    return {
-        "floor": best_time(lambda: floor_program(x, x_tilde, w), repeats=repeats),
-        "gpfq": best_time(lambda: qjax.gpfq_layer(w, x, x_tilde, alphabet), repeats=repeats),
-        "gram": best_time(lambda: qjax.gram_stats(x, x_tilde).gram, repeats=repeats),
-        "scan": best_time(lambda: qjax.gpfq_from_stats(w, stats, alphabet), repeats=repeats),
-    }
+    fns = dict(
+        floor=lambda: gpfq_floor(x, x_tilde, w),
+        gpfq=lambda: qjax.gpfq_layer(w, x, x_tilde, alphabet),
+        gram=lambda: qjax.gram_stats(x, x_tilde).gram,
+        scan=lambda: qjax.gpfq_from_stats(w, stats, alphabet),
+    )
+    if gptq:
+        method = qjax.GPTQ()
+        fns["gptq_floor"] = lambda: gptq_floor(x, x_tilde, w)
+        fns["gptq"] = lambda: method.quantize(w, qjax.gram_stats(x, x_tilde), alphabet)
+    return interleaved_times(fns, rounds=rounds)
 
 
 def slope(sizes, times) -> float:
@@ -251,11 +254,12 @@ def run_worker(devices, sizes, batch_rows, repeats):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="small sizes, for a quick check")
-    parser.add_argument("--skip-large", action="store_true", help="skip 4096 -> 11008")
+    parser.add_argument("--skip-large", action="store_true", help="skip the LLM-sized layers")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--worker", type=int, nargs=3, metavar=("M", "N0", "N1"), help="internal")
     parser.add_argument("--batch-rows", type=int, default=4096)
     parser.add_argument("--summation", action="store_true", help="only table (5)")
+    parser.add_argument("--ratios", action="store_true", help="only table (1)")
     args = parser.parse_args()
     if args.worker:
         worker(*args.worker, args.batch_rows, args.repeats)
@@ -270,20 +274,33 @@ def main():
 
     device = jax.devices()[0]
     print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
-    print("\n(1) time / floor (floor = X~ᵀX~ + X~ᵀX + one (N0×N0)·(N0×N1) product, jitted)")
-    print("| layer | m | floor (s) | gpfq (s) | statistics (s) | scan (s) | gpfq / floor |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "\n(1) time / floor (floor = X~ᵀX~ + X~ᵀX + one (N0×N0)·(N0×N1) product, jitted; for "
+        "GPTQ also the Cholesky factor of G); ratio = best of the rounds (per-round range)"
+    )
+    print("| layer | m | method | floor (s) | qjax (s) | statistics (s) | scan (s) | ratio |")
+    print("|---|---|---|---|---|---|---|---|")
     rows = []
     for m in ms:
         rows.append((f"{n0}→{n1}", m, measure(m, n0, n1, repeats)))
     if not args.skip_large:
-        large = (2048 // scale, 4096 // scale, 11008 // scale)
-        rows.append((f"{large[1]}→{large[2]}", large[0], measure(*large, repeats=1)))
+        for k0, k1, gptq in ((4096, 11008, True), (11008, 4096, False)):
+            large = (2048 // scale, k0 // scale, k1 // scale)
+            rows.append((f"{large[1]}→{large[2]}", large[0], measure(*large, repeats, gptq=gptq)))
     for name, m, t in rows:
+        best = {part: min(times) for part, times in t.items()}
         print(
-            f"| {name} | {m} | {t['floor']:.3f} | {t['gpfq']:.3f} | {t['gram']:.3f} | "
-            f"{t['scan']:.3f} | {t['gpfq'] / t['floor']:.2f} |"
+            f"| {name} | {m} | gpfq | {best['floor']:.3f} | {best['gpfq']:.3f} | "
+            f"{best['gram']:.3f} | {best['scan']:.3f} | {format_ratio(t, 'gpfq', 'floor')} |"
         )
+        if "gptq" in t:
+            print(
+                f"| {name} | {m} | gptq | {best['gptq_floor']:.3f} | {best['gptq']:.3f} | | | "
+                f"{format_ratio(t, 'gptq', 'gptq_floor')} |"
+            )
+
+    if args.ratios:
+        return
 
     print("\n(2) cost curve: fitted exponents p of time ∝ size^p (other sizes fixed)")
     print("| varied | sizes | statistics part | scan part | whole |")
@@ -295,7 +312,9 @@ def main():
     n1s = [n1 // 2, n1, 2 * n1]
     curves.append(("N1", n1s, [measure(ms[0], n0, k, repeats) for k in n1s]))
     for name, sizes, times in curves:
-        exponents = [slope(sizes, [t[part] for t in times]) for part in ("gram", "scan", "gpfq")]
+        exponents = [
+            slope(sizes, [min(t[part]) for t in times]) for part in ("gram", "scan", "gpfq")
+        ]
         print(f"| {name} | {sizes} | " + " | ".join(f"{p:.2f}" for p in exponents) + " |")
 
     m_sharded = ms[1]

@@ -16,15 +16,16 @@ from the rows; λ = α·||G||₂ (the 30 power-iteration products G·v of its de
 Cholesky factorization of G + λI; (H + λI)W and one triangular solve with it (the least-squares
 fit); one (N0 × N0)·(N0 × N1) product (the diffusion of the rounding errors).
 Two ratios: the whole layer (statistics from the rows, then Qronos) over the whole floor, and
-Qronos from the statistics over the floor without the Gram products. Each time is the best of
+Qronos from the statistics over the floor without the Gram products. Each ratio is the best of
 `--repeats` rounds (four times as many for the short from-statistics parts), the method and its
-floor called in turn in each round, so that the load of a shared machine falls on both alike.
+floor called in turn in each round, so that the load of a shared machine falls on both alike;
+the range of the per-round ratios is printed with it.
 
 The Brevitas part (needs `torch` and `brevitas`; skipped with a line saying so otherwise) runs
 Brevitas's GPFQ, GPTQ and Qronos on the same layers from the same statistics (injected into its
 optimizers, so only the layer update is timed, as qjax's from-statistics time) with the same
 per-channel scales, and prints the agreement of codes, both layer errors ||XW - X~Q|| / ||XW||,
-and the time ratio. Targets: qjax's Qronos within 1.5x of its floor, >= 10x faster than
+and the time ratio. Targets: qjax's Qronos within 1.3x of its floor, >= 10x faster than
 Brevitas's on the same layer.
 """
 
@@ -40,7 +41,7 @@ import numpy as np
 
 import qjax
 from benchmarks.gpfq_layer import gram_floor
-from benchmarks.timing import best_time, wall_times
+from benchmarks.timing import best_time, format_ratio, interleaved_times
 from qjax import alphabets
 from qjax.methods import GPFQ, GPTQ, MSQ, Qronos
 from qjax.methods.qronos import DEFAULT_DAMPING, largest_eigenvalue
@@ -91,35 +92,25 @@ def four_bit(w):
     return alphabets.symmetric(7, jnp.max(jnp.abs(w), axis=0) / 7)
 
 
-def interleaved_best(fns, repeats):
-    """The best time of each of `fns` (name -> callable), the calls interleaved round by round, so
-    that the load of a shared machine falls on all of them alike."""
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            best[name] = min(best[name], *wall_times(fn, repeats=1))
-    return best
-
-
-def bench_qjax(w, x, x_tilde, repeats):
-    """Times and the statistics (with XᵀX, for errors) of one layer."""
+def bench_qjax(w, x, x_tilde, rounds):
+    """Interleaved times of one layer, and its statistics (with XᵀX, for errors)."""
     alphabet = four_bit(w)
     method = Qronos()
     stats = qjax.gram_stats(x, x_tilde)
-    whole = interleaved_best(
+    whole = interleaved_times(
         dict(
             floor=lambda: whole_floor(x, x_tilde, w),
             layer=lambda: method.quantize(w, qjax.gram_stats(x, x_tilde), alphabet),
         ),
-        repeats,
+        rounds=rounds,
     )
     # The parts from statistics are short: more rounds for the same confidence.
-    from_stats = interleaved_best(
+    from_stats = interleaved_times(
         dict(
             solve_floor=lambda: solve_floor(stats.gram, stats.cross, w),
             from_stats=lambda: method.quantize(w, stats, alphabet),
         ),
-        4 * repeats,
+        rounds=4 * rounds,
     )
     return whole | from_stats, qjax.gram_stats(x, x_tilde, track_error=True)
 
@@ -132,10 +123,10 @@ def print_qjax_rows(rows):
     print("|---|---|---|---|---|---|---|---|")
     for name, times in rows:
         print(
-            f"| {name} | {times['floor']:.3f} | {times['layer']:.3f} | "
-            f"{times['layer'] / times['floor']:.2f} | {times['solve_floor']:.4f} | "
-            f"{times['from_stats']:.4f} | {times['from_stats'] / times['solve_floor']:.2f} "
-            f"| ≤ 1.5 |"
+            f"| {name} | {min(times['floor']):.3f} | {min(times['layer']):.3f} | "
+            f"{format_ratio(times, 'layer', 'floor')} | {min(times['solve_floor']):.4f} | "
+            f"{min(times['from_stats']):.4f} | "
+            f"{format_ratio(times, 'from_stats', 'solve_floor')} | ≤ 1.3 |"
         )
 
 

@@ -65,6 +65,11 @@ __all__ = [
 ]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+# X~ᵀX~ is symmetric: its products are taken on the upper triangle of a grid of at most
+# GRAM_BLOCKS × GRAM_BLOCKS column blocks of at least GRAM_BLOCK_MIN columns (measured on 2 CPU
+# cores: 0.77-0.86 of the full product's time at N0 = 784 and 1152, up to 4 blocks).
+GRAM_BLOCKS = 4
+GRAM_BLOCK_MIN = 256
 
 
 DEFAULT_AXIS_NAME = "devices"
@@ -164,7 +169,8 @@ def accumulate(stats: GramStats, x: jax.Array, x_tilde: jax.Array) -> GramStats:
     """Adds X~ᵀX~, X~ᵀX (and XᵀX) of one batch of rows: the pure, traceable update.
 
     This is the update of single-device statistics; with a mesh, each device runs it on its own
-    rows (`gram_stats_update`).
+    rows (`gram_stats_update`). When `x_tilde` is `x` (the same array or tracer: a first layer,
+    where X~ = X), one product X~ᵀX~ serves as both.
 
     Args:
       stats: the running `GramStats`.
@@ -175,19 +181,45 @@ def accumulate(stats: GramStats, x: jax.Array, x_tilde: jax.Array) -> GramStats:
       The updated `GramStats`.
     """
     dtype = stats.gram.dtype
+    same = x_tilde is x
     x, x_tilde = x.astype(dtype), x_tilde.astype(dtype)
     # Contract the row axis: (..., m, N0)ᵀ(..., m, N0) -> (..., N0, N0), in full float32 precision
     # (on GPUs the default float32 matmul precision would use TF32 and lose the small residuals).
-    xt_t = jnp.swapaxes(x_tilde, -1, -2)
-    gram = stats.gram + jnp.matmul(xt_t, x_tilde, precision=_HIGHEST)
-    cross = stats.cross + jnp.matmul(xt_t, x, precision=_HIGHEST)
+    gram_product = _symmetric_gram(x_tilde)
+    cross_product = (
+        gram_product if same else jnp.matmul(jnp.swapaxes(x_tilde, -1, -2), x, precision=_HIGHEST)
+    )
+    gram, cross = stats.gram + gram_product, stats.cross + cross_product
     float_gram = stats.float_gram
     if float_gram is not None:
-        float_gram = float_gram + jnp.matmul(jnp.swapaxes(x, -1, -2), x, precision=_HIGHEST)
+        float_product = gram_product if same else _symmetric_gram(x)
+        float_gram = float_gram + float_product
     return GramStats(gram, cross, stats.count + x.shape[-2], float_gram)
 
 
+def _symmetric_gram(a: jax.Array) -> jax.Array:
+    """AᵀA for rows a (..., m, N0) from the products of its upper block triangle only.
+
+    The columns are split into k ≤ `GRAM_BLOCKS` blocks of at least `GRAM_BLOCK_MIN` columns;
+    the k(k+1)/2 products on and above the diagonal are computed and the rest are their
+    transposes, (k + 1)/2k of the work of the full product (5/8 for k = 4), and AᵀA comes out
+    exactly symmetric.
+    """
+    n0 = a.shape[-1]
+    k = max(1, min(GRAM_BLOCKS, n0 // GRAM_BLOCK_MIN))
+    bounds = [round(i * n0 / k) for i in range(k + 1)]
+    columns = [a[..., bounds[i] : bounds[i + 1]] for i in range(k)]
+    blocks = [[None] * k for _ in range(k)]
+    for i in range(k):
+        for j in range(i, k):
+            product = jnp.matmul(jnp.swapaxes(columns[i], -1, -2), columns[j], precision=_HIGHEST)
+            blocks[i][j], blocks[j][i] = product, jnp.swapaxes(product, -1, -2)
+    return jnp.block(blocks)
+
+
 _accumulate_jit = jax.jit(accumulate, donate_argnums=0)
+# X~ = X: one array, so that `accumulate` sees it twice and computes one product.
+_accumulate_same_jit = jax.jit(lambda stats, x: accumulate(stats, x, x), donate_argnums=0)
 
 
 @functools.partial(jax.jit, static_argnames="mesh", donate_argnums=0)
@@ -259,8 +291,9 @@ def gram_stats_update(stats: GramStats, x: ArrayLike, x_tilde: ArrayLike) -> Gra
       The updated `GramStats`.
     """
     total_shape = stats.gram.shape[stats.count.ndim :]  # without the device axis
+    same = x_tilde is x
     x = _checked_rows("x", x, batch_ndim=len(total_shape) - 2)
-    x_tilde = _checked_rows("x_tilde", x_tilde, batch_ndim=len(total_shape) - 2)
+    x_tilde = x if same else _checked_rows("x_tilde", x_tilde, batch_ndim=len(total_shape) - 2)
     if x.shape != x_tilde.shape:
         raise ValueError(
             f"x and x_tilde must have the same shape, got {x.shape} and {x_tilde.shape}"
@@ -271,6 +304,8 @@ def gram_stats_update(stats: GramStats, x: ArrayLike, x_tilde: ArrayLike) -> Gra
             f"{total_shape[:-2]} + (m, {total_shape[-1]})"
         )
     if not stats.per_device:
+        if same:
+            return _accumulate_same_jit(stats, x)
         return _accumulate_jit(stats, x, x_tilde)
     mesh = _mesh_of_stats(stats)
     x, rows = _mesh.place_rows("x", x, mesh, rows_axis=x.ndim - 2)
@@ -299,10 +334,12 @@ def gram_stats(
     Returns:
       `GramStats`.
     """
+    same = x_tilde is x  # X~ = X: one product per batch serves G and H
     x = _checked_rows("x", x)
-    x_tilde = _checked_rows("x_tilde", x_tilde)
+    x_tilde = x if same else _checked_rows("x_tilde", x_tilde)
     if mesh is None:  # on the device once, not per batch
-        x, x_tilde = jnp.asarray(x), jnp.asarray(x_tilde)
+        x = jnp.asarray(x)
+        x_tilde = x if same else jnp.asarray(x_tilde)
     if batch_size is not None:
         check_positive_int("batch_size", batch_size)
     stats = gram_stats_init(
@@ -313,7 +350,8 @@ def gram_stats(
         mesh=mesh,
     )
     for rows in _mesh.row_slices(x.shape[-2], batch_size, mesh):
-        stats = gram_stats_update(stats, x[..., rows, :], x_tilde[..., rows, :])
+        x_rows = x[..., rows, :]
+        stats = gram_stats_update(stats, x_rows, x_rows if same else x_tilde[..., rows, :])
     return stats
 
 

@@ -62,7 +62,7 @@ def test_codes_equal_numpy_reference(method, m, n0, n1, kind):
     w = rng.normal(scale=0.3, size=(n0, n1))
     alphabet = make_alphabet(kind, w)
     expected = gpfq_reference(w, x, x_tilde, np.asarray(alphabet.letters))
-    q = qjax.gpfq_layer(w, x, x_tilde, alphabet, method=method, block_size=8)
+    q = qjax.gpfq_layer(w, x, x_tilde, alphabet, form=method, block_size=8)
     np.testing.assert_array_equal(np.asarray(q), expected)
 
 
@@ -90,7 +90,7 @@ def test_float32_agrees_with_float64_reference():
             x.astype(np.float32),
             x_tilde.astype(np.float32),
             alphabet,
-            method=method,
+            form=method,
         )
         assert np.mean(np.asarray(q) == expected) > 0.98
         np.testing.assert_allclose(
@@ -105,7 +105,7 @@ def test_block_size_does_not_change_codes(block_size):
     x, x_tilde = correlated_inputs(rng, 80, 45)
     w = rng.normal(size=(45, 6))
     alphabet = alphabets.for_weights(w, c=1.5, bits=3)
-    reference = qjax.gpfq_layer(w, x, x_tilde, alphabet, method="residual")
+    reference = qjax.gpfq_layer(w, x, x_tilde, alphabet, form="residual")
     q = qjax.gpfq_layer(w, x, x_tilde, alphabet, block_size=block_size)
     np.testing.assert_array_equal(q, reference)
 
@@ -161,7 +161,7 @@ def test_dead_inputs_get_q_of_zero():
         (alphabets.binary(0.5), -0.5),
     ]:
         for method in ("gram", "residual"):
-            q = np.asarray(qjax.gpfq_layer(w, x, x_tilde, alphabet, method=method))
+            q = np.asarray(qjax.gpfq_layer(w, x, x_tilde, alphabet, form=method))
             np.testing.assert_array_equal(q[dead], dead_letter)
             np.testing.assert_array_equal(
                 q, gpfq_reference(w, x, x_tilde, np.asarray(alphabet.letters))
@@ -273,18 +273,18 @@ valid = dict(w=np.ones((4, 3), np.float32), x=np.ones((5, 4), np.float32))
         (dict(w=np.full((4, 3), np.nan, np.float32)), "w contains NaN or Inf"),
         (dict(x_tilde=np.full((5, 4), np.inf, np.float32)), "x_tilde contains NaN or Inf"),
         (dict(x=np.ones((5, 4), np.int32)), "x must be a floating-point array"),
-        (dict(method="greedy"), "unknown method"),
+        (dict(form="greedy"), "unknown form"),
         (dict(alphabet=np.array([-1.0, 1.0])), "alphabet must be a qjax.alphabets alphabet"),
     ],
 )
 def test_bad_input_raises_value_error(kwargs, message):
-    args = dict(valid, x_tilde=valid["x"], alphabet=alphabets.symmetric(1, 1.0), method="gram")
+    args = dict(valid, x_tilde=valid["x"], alphabet=alphabets.symmetric(1, 1.0), form="gram")
     args.update(kwargs)
     if "x" in kwargs and "x_tilde" not in kwargs:
         args["x_tilde"] = args["x"]
     call = functools.partial(qjax.gpfq_layer, args["w"], args["x"], args["x_tilde"])
     with pytest.raises(ValueError, match=message):
-        call(args["alphabet"], method=args["method"])
+        call(args["alphabet"], form=args["form"])
 
 
 def test_statistics_shape_mismatch_raises():

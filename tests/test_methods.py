@@ -117,7 +117,7 @@ def test_dead_inputs_get_the_letter_nearest_zero(num_letters):
     assert nearest_zero == (0.0 if num_letters % 2 else -float(alphabet.step) / 2)
     expected = gpfq_reference(np.asarray(w), np.asarray(x), np.asarray(x_tilde), letters)
     for method in ("gram", "residual"):
-        q = np.asarray(qjax.gpfq_layer(w, x, x_tilde, alphabet, method=method))
+        q = np.asarray(qjax.gpfq_layer(w, x, x_tilde, alphabet, form=method))
         np.testing.assert_array_equal(q[3], nearest_zero)
         np.testing.assert_array_equal(q, expected)
 
@@ -132,7 +132,7 @@ def test_group_wise_gpfq_equals_reference(group_size):
         letters = (np.arange(4) - 1.5) * np.asarray(rows)[..., None]  # (N0, N1, n)
         expected = gpfq_reference(np.asarray(w), np.asarray(x), np.asarray(x_tilde), letters)
         for method in ("gram", "residual"):
-            q = qjax.gpfq_layer(w, x, x_tilde, alphabet, method=method, block_size=4)
+            q = qjax.gpfq_layer(w, x, x_tilde, alphabet, form=method, block_size=4)
             np.testing.assert_array_equal(np.asarray(q), expected)
         # GPTQ and MSQ give letters of each input's own group too.
         stats = qjax.gram_stats(x, x_tilde)

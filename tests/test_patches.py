@@ -75,7 +75,7 @@ def test_gpfq_conv_equals_reference_on_patches(settings):
         )
         for method in ("gram", "residual"):
             q = qjax.gpfq_conv(
-                kernel, images, images_tilde, alphabet, geometry=geometry, method=method
+                kernel, images, images_tilde, alphabet, geometry=geometry, form=method
             )
             np.testing.assert_array_equal(kernel_to_matrix(q, geometry), expected)
         # The keyword form builds the same geometry; streaming over image batches changes nothing.
@@ -136,7 +136,7 @@ def test_patch_subsampling_uses_a_fraction_of_the_patches():
             lambda k, x: qjax.gpfq_conv(k, x, x * np.nan, alphabets.binary(1.0)),
             "x_tilde contains NaN",
         ),
-        (lambda k, x: qjax.gpfq_conv(k, x, x, alphabets.binary(1.0), method="?"), "unknown method"),
+        (lambda k, x: qjax.gpfq_conv(k, x, x, alphabets.binary(1.0), form="?"), "unknown form"),
     ],
 )
 def test_bad_conv_input_raises(call, message):

@@ -253,8 +253,8 @@ def test_eight_devices_dense_codes_equal_unsharded(kind, devices):
 def test_eight_devices_residual_form_codes_equal_unsharded():
     w, x, x_tilde = dense_problem(m=101)
     alphabet = make_alphabet("4bit-per-channel", w)
-    q = qjax.gpfq_layer(w, x, x_tilde, alphabet, method="residual", mesh=make_mesh())
-    expected = qjax.gpfq_layer(w, x, x_tilde, alphabet, method="residual")
+    q = qjax.gpfq_layer(w, x, x_tilde, alphabet, form="residual", mesh=make_mesh())
+    expected = qjax.gpfq_layer(w, x, x_tilde, alphabet, form="residual")
     np.testing.assert_array_equal(q, expected)
 
 
@@ -328,7 +328,7 @@ def conv_problem(groups):
     [
         (1, {}),
         (2, {}),
-        (2, {"method": "residual"}),
+        (2, {"form": "residual"}),
         (1, {"patch_fraction": 0.3, "key": jax.random.key(7)}),
     ],
 )
@@ -457,9 +457,9 @@ def _two_process_worker(process_id: int) -> None:
     q = qjax.gpfq_layer(w, x[mine], x_tilde[mine], alphabet, batch_size=128, mesh=mesh)
     for shard in q.addressable_shards:
         np.testing.assert_array_equal(shard.data, expected[shard.index])
-    residual = qjax.gpfq_layer(w, x[mine], x_tilde[mine], alphabet, method="residual", mesh=mesh)
+    residual = qjax.gpfq_layer(w, x[mine], x_tilde[mine], alphabet, form="residual", mesh=mesh)
     np.testing.assert_array_equal(
-        whole(residual), qjax.gpfq_layer(w, x, x_tilde, alphabet, method="residual")
+        whole(residual), qjax.gpfq_layer(w, x, x_tilde, alphabet, form="residual")
     )
     # A global array of 2 × 400 rows, 100 on each device.
     rows = NamedSharding(mesh, P(mesh.axis_names, None))

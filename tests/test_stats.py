@@ -5,7 +5,14 @@ import jax
 import numpy as np
 import pytest
 
-from qjax.stats import GramStats, combined, gram_stats, gram_stats_init, make_mesh
+from qjax.stats import (
+    GramStats,
+    accumulate,
+    combined,
+    gram_stats,
+    gram_stats_init,
+    make_mesh,
+)
 
 
 def test_a_million_rows_in_plain_float32_stay_near_float64_on_one_device_and_on_a_mesh():
@@ -50,3 +57,35 @@ def test_per_device_layout_and_combined():
 def test_zero_rows_raise():
     with pytest.raises(ValueError, match="x has no rows"):
         gram_stats(np.zeros((0, 4), np.float32), np.zeros((0, 4), np.float32))
+
+
+def test_first_layer_statistics_take_one_product():
+    """X~ = X (the same array): one X~ᵀX~ product serves G, H and XᵀX, equal to float64 sums."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(300, 7)).astype(np.float32)
+    init = gram_stats_init(7, track_error=True)
+
+    def products(fn):
+        text = str(jax.make_jaxpr(fn)(init, x, x))
+        return text.count("dot_general")
+
+    assert products(lambda s, a, b: accumulate(s, a, a)) == 1
+    assert products(lambda s, a, b: accumulate(s, a, b)) == 3
+    stats = gram_stats(x, x, batch_size=128, track_error=True)
+    exact = x.astype(np.float64).T @ x.astype(np.float64)
+    tolerance = len(x) * np.finfo(np.float32).eps * np.max(x * x)  # float32 sums of m products
+    for matrix in (stats.gram, stats.cross, stats.float_gram):
+        np.testing.assert_allclose(matrix, exact, rtol=0, atol=tolerance)
+    np.testing.assert_array_equal(stats.cross, stats.gram)
+
+
+def test_gram_from_its_upper_block_triangle_is_symmetric_and_exact():
+    """N0 = 1100 splits X~ᵀX~ into 4 × 4 column blocks (10 products); batch axes pass through."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(2, 40, 1100)).astype(np.float32)
+    stats = gram_stats(x, x + 0.1, track_error=True)
+    for matrix, (a, b) in ((stats.gram, (x + 0.1, x + 0.1)), (stats.float_gram, (x, x))):
+        exact = np.einsum("gmi,gmj->gij", a.astype(np.float64), b.astype(np.float64))
+        tolerance = x.shape[1] * np.finfo(np.float32).eps * np.max(a * a)
+        np.testing.assert_allclose(matrix, exact, rtol=0, atol=tolerance)
+        np.testing.assert_array_equal(matrix, np.swapaxes(matrix, -1, -2))

@@ -14,7 +14,10 @@ Adding a method is one new file in `qjax/methods/` with one subclass: the model-
 from __future__ import annotations
 
 import abc
+import dataclasses
 import functools
+import inspect
+from collections.abc import Callable
 from typing import ClassVar
 
 import jax
@@ -26,7 +29,7 @@ from qjax.alphabets import Alphabet, AnyAlphabet
 from qjax.checks import check_alphabet, check_finite, is_concrete
 from qjax.stats import GramStats, combined
 
-__all__ = ["QuantizationMethod", "get", "names", "nearest_letter"]
+__all__ = ["QuantizationMethod", "functional_form", "get", "names", "nearest_letter"]
 
 _REGISTRY: dict[str, type[QuantizationMethod]] = {}
 
@@ -150,6 +153,48 @@ def nearest_letter(alphabet: AnyAlphabet, x: jax.Array) -> jax.Array:
     """Q(x), the nearest letter of each entry, but NaN where x is not finite: a method never
     turns a NaN weight (or a failed factorization) into a finite letter."""
     return jnp.where(jnp.isfinite(x), alphabet.project(x), jnp.nan).astype(x.dtype)
+
+
+def functional_form(cls: type[QuantizationMethod]) -> Callable[..., jax.Array]:
+    """`name_from_stats(w, stats, alphabet, **options)`: the method `cls(**options).quantize`.
+
+    The function's keyword-only options are the dataclass's fields, with their defaults; its
+    docstring lists them from the class's Attributes.
+    """
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+
+    def quantize(w: ArrayLike, stats: GramStats, alphabet: AnyAlphabet, **options) -> jax.Array:
+        return cls(**options).quantize(w, stats, alphabet)
+
+    positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    parameters = [
+        inspect.Parameter("w", positional, annotation=ArrayLike),
+        inspect.Parameter("stats", positional, annotation=GramStats),
+        inspect.Parameter("alphabet", positional, annotation=AnyAlphabet),
+        *(
+            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default)
+            for f in fields
+        ),
+    ]
+    quantize.__signature__ = inspect.Signature(parameters, return_annotation=jax.Array)
+    quantize.__name__ = quantize.__qualname__ = f"{cls.name}_from_stats"
+    quantize.__module__ = cls.__module__
+    doc = inspect.cleandoc(cls.__doc__ or "")
+    summary = doc.splitlines()[0] if doc else ""
+    attributes = doc.partition("Attributes:\n")[2].rstrip()
+    quantize.__doc__ = (
+        f"{cls.__name__} of one layer from its statistics: "
+        f"`{cls.__name__}(**options).quantize(w, stats, alphabet)`.\n\n"
+        f"{summary}\n\n"
+        "Args:\n"
+        "  w: weights, shape batch_shape + (N0, N1) (Flax layout, batch_shape as in `stats`).\n"
+        "  stats: `GramStats` of the layer's calibration inputs.\n"
+        "  alphabet: the alphabet A: per tensor, per neuron, or group-wise.\n"
+        f"{attributes}\n\n"
+        "Returns:\n"
+        "  Q, same shape and dtype as w, every entry a letter of A.\n"
+    )
+    return quantize
 
 
 def get(method: str | QuantizationMethod) -> QuantizationMethod:

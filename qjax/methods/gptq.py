@@ -38,13 +38,12 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
-from jax.typing import ArrayLike
 
 from qjax.alphabets import AnyAlphabet
 from qjax.checks import check_positive_int
 from qjax.methods import hessian
-from qjax.methods.base import QuantizationMethod
-from qjax.methods.gpfq import _greedy
+from qjax.methods.base import QuantizationMethod, functional_form
+from qjax.methods.gpfq_core import greedy
 from qjax.stats import GramStats
 
 __all__ = ["GPTQ", "gptq_from_stats"]
@@ -73,7 +72,7 @@ def _gptq_matrix(
     # A dead input's weight is 0 (NaN stays NaN), so q_t = Q(0) there.
     w = jnp.where(dead[:, None] & ~jnp.isnan(w), 0.0, w)
     coupling = hessian.nearest_plane_coupling(r)
-    q = _greedy(
+    q = greedy(
         w,
         jnp.zeros_like(w),
         coupling,
@@ -121,29 +120,4 @@ class GPTQ(QuantizationMethod):
         )
 
 
-def gptq_from_stats(
-    w: ArrayLike,
-    stats: GramStats,
-    alphabet: AnyAlphabet,
-    *,
-    damping: float = DEFAULT_DAMPING,
-    block_size: int = DEFAULT_BLOCK_SIZE,
-    act_order: bool = False,
-) -> jax.Array:
-    """GPTQ of one layer from the Gram matrix G = X~ᵀX~ of its calibration inputs.
-
-    The functional form of `GPTQ(damping=..., block_size=..., act_order=...).quantize(...)`.
-
-    Args:
-      w: weights, shape batch_shape + (N0, N1) (Flax layout, batch_shape as in `stats`).
-      stats: `GramStats` of the layer's inputs (only `gram` is used).
-      alphabet: the alphabet A: per tensor, per neuron, or group-wise.
-      damping: λ, added as λ·mean(diag G) to the diagonal of G (GPTQ's "percdamp").
-      block_size: inputs per lazy-batch block (a speed knob only).
-      act_order: visit inputs by decreasing G_tt.
-
-    Returns:
-      Q, same shape as w, every entry a letter of A.
-    """
-    method = GPTQ(damping=damping, block_size=block_size, act_order=act_order)
-    return method.quantize(w, stats, alphabet)
+gptq_from_stats = functional_form(GPTQ)

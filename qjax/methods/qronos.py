@@ -55,13 +55,12 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
-from jax.typing import ArrayLike
 
 from qjax.alphabets import AnyAlphabet
 from qjax.checks import check_positive_int
 from qjax.methods import hessian
-from qjax.methods.base import QuantizationMethod
-from qjax.methods.gpfq import gpfq_from_targets
+from qjax.methods.base import QuantizationMethod, functional_form
+from qjax.methods.gpfq_core import gpfq_from_targets
 from qjax.stats import GramStats
 
 __all__ = ["Qronos", "qronos_from_stats"]
@@ -159,30 +158,4 @@ class Qronos(QuantizationMethod):
         return _qronos_matrix(w, stats.gram, stats.cross, alphabet, **dataclasses.asdict(self))
 
 
-def qronos_from_stats(
-    w: ArrayLike,
-    stats: GramStats,
-    alphabet: AnyAlphabet,
-    *,
-    damping: float = DEFAULT_DAMPING,
-    block_size: int = DEFAULT_BLOCK_SIZE,
-    act_order: bool = False,
-) -> jax.Array:
-    """Qronos of one layer from the statistics G = X~ᵀX~ and H = X~ᵀX of its calibration inputs.
-
-    The functional form of `Qronos(damping=..., block_size=..., act_order=...).quantize(...)`.
-
-    Args:
-      w: weights, shape batch_shape + (N0, N1) (Flax layout, batch_shape as in `stats`).
-      stats: `GramStats` of the layer's inputs (`gram` and `cross` are used).
-      alphabet: the alphabet A: per tensor, per neuron, or group-wise.
-      damping: α, the damping λ = α·||X~ᵀX~||₂ of the least-squares steps.
-      block_size: inputs per lazy-batch block (a speed knob only).
-      act_order: visit inputs by decreasing G_tt.
-
-    Returns:
-      Q, same shape as w, every entry a letter of A.
-    """
-    return Qronos(damping=damping, block_size=block_size, act_order=act_order).quantize(
-        w, stats, alphabet
-    )
+qronos_from_stats = functional_form(Qronos)
