@@ -196,7 +196,7 @@ def quantize_checkpoint(
         "quantize_seconds": quantize_seconds,
         "peak_host_memory_bytes": _peak_memory_bytes(),
         "float32_parameter_bytes": float_bytes,
-        "layers": [dataclasses.asdict(r) for r in reports],
+        "layers": [r._asdict() for r in reports],
     }
     report["spec"]["method"] = spec.method_name
     with open(os.path.join(output_dir, "report.json"), "w") as f:
