@@ -58,6 +58,14 @@ def test_calibration_batches_and_token_sources(tmp_path):
         pipeline.load_tokens("no/such/file.txt")
 
 
+def test_group_wise_asymmetric_gpfq_is_refused(tmp_path):
+    from qjax.rules import LayerSpec
+
+    spec = LayerSpec(method="gpfq", bits=4, group_size=16, grid="asymmetric")
+    with pytest.raises(ValueError, match="gpfq does not take group-wise asymmetric"):
+        pipeline.quantize_checkpoint(str(tmp_path), str(tmp_path / "out"), [], spec=spec)
+
+
 def _run(module, *args):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     result = subprocess.run(
