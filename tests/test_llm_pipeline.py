@@ -58,12 +58,16 @@ def test_calibration_batches_and_token_sources(tmp_path):
         pipeline.load_tokens("no/such/file.txt")
 
 
-def test_group_wise_asymmetric_gpfq_is_refused(tmp_path):
+def test_quantize_checkpoint_refuses_unsupported_specs(tmp_path):
     from qjax.rules import LayerSpec
 
     spec = LayerSpec(method="gpfq", bits=4, group_size=16, grid="asymmetric")
     with pytest.raises(ValueError, match="gpfq does not take group-wise asymmetric"):
         pipeline.quantize_checkpoint(str(tmp_path), str(tmp_path / "out"), [], spec=spec)
+    llama.save_pretrained(llama.Llama(CONFIG, rngs=nnx.Rngs(0)), tmp_path / "float")
+    spec = LayerSpec(method="gptq", bits=4, group_size=24, grid="signed")
+    with pytest.raises(ValueError, match=r"group_size 24 must divide .* layers/0/self_attn/q_proj"):
+        pipeline.quantize_checkpoint(str(tmp_path / "float"), str(tmp_path / "out"), [], spec=spec)
 
 
 def _run(module, *args):

@@ -53,7 +53,7 @@ def layer_alphabets(model: llama.Llama, rules: Rules) -> dict[str, UniformAlphab
       path → alphabet, for the layers that are not skipped.
     """
     result = {}
-    for path, variable in llama._parameters(model):
+    for path, variable in llama.parameters(model):
         if not path.endswith("/kernel"):
             continue
         layer = path.rsplit("/", 1)[0]
@@ -151,7 +151,7 @@ def save_compressed(
         QuantizationStatus,
     )
 
-    parameters = dict(llama._parameters(model))
+    parameters = dict(llama.parameters(model))
     kernels = {p.rsplit("/", 1)[0] for p in parameters if p.endswith("/kernel")}
     unknown = sorted(set(alphabets) - kernels)
     if unknown:

@@ -176,22 +176,36 @@ def quantize_checkpoint(
     start = time.perf_counter()
     model = llama.from_pretrained(model_dir)
     load_seconds = time.perf_counter() - start
-    layers = [p.rsplit("/", 1)[0] for p, _ in llama._parameters(model) if p.endswith("/kernel")]
+    layers = [p.rsplit("/", 1)[0] for p, _ in llama.parameters(model) if p.endswith("/kernel")]
     keep = LayerSpec(method="skip")
     rules = [(p, keep) for p in skip if not unmatched_patterns([p], layers)]
+    table = Rules(rules, default=spec)
+    inputs = {
+        p.rsplit("/", 1)[0]: v.get_value().shape[0]
+        for p, v in llama.parameters(model)
+        if p.endswith("/kernel")
+    }
+    uneven = [
+        f"{layer} ({inputs[layer]} inputs)"
+        for layer in layers
+        if spec.group_size and not table.spec_for(layer).skip and inputs[layer] % spec.group_size
+    ]
+    if uneven:
+        raise ValueError(
+            f"group_size {spec.group_size} must divide the inputs of every quantized layer for "
+            f"compressed-tensors; it does not for {', '.join(uneven)}"
+        )
     start = time.perf_counter()
     quantized, reports = quantize_model(
         model, list(calibration), spec=spec, rules=rules, sequential=sequential
     )
     quantize_seconds = time.perf_counter() - start
-    alphabets = compressed.layer_alphabets(model, Rules(rules, default=spec))
+    alphabets = compressed.layer_alphabets(model, table)
     del model
     compressed.save_compressed(
         quantized, output_dir, alphabets=alphabets, config=llama.read_config(model_dir)
     )
-    float_bytes = sum(
-        int(np.prod(v.get_value().shape)) * 4 for _, v in llama._parameters(quantized)
-    )
+    float_bytes = sum(int(np.prod(v.get_value().shape)) * 4 for _, v in llama.parameters(quantized))
     report = {
         "model_dir": os.path.abspath(model_dir),
         "output_dir": os.path.abspath(output_dir),

@@ -42,6 +42,7 @@ __all__ = [
     "build",
     "from_pretrained",
     "hf_name",
+    "parameters",
     "read_config",
     "save_pretrained",
     "state_dict",
@@ -455,7 +456,7 @@ def hf_name(path: str) -> str:
     return ".".join([*prefix, *module, _LEAF_NAMES[leaf]])
 
 
-def _parameters(model: Llama) -> list[tuple[str, nnx.Variable]]:
+def parameters(model: Llama) -> list[tuple[str, nnx.Variable]]:
     """(path, Variable) of every parameter, paths as `qjax.rules.path_name`."""
     state = nnx.state(model, nnx.Param)
     leaves = jax.tree_util.tree_leaves_with_path(
@@ -517,7 +518,7 @@ def build(
     config = LlamaConfig.from_hf(config)
     model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0), dtype=dtype))
     available = set(names)
-    for name_path, variable in _parameters(model):
+    for name_path, variable in parameters(model):
         name = hf_name(name_path)
         if name not in available:
             raise ValueError(f"{source} has no tensor {name!r} ({name_path})")
@@ -547,7 +548,7 @@ def state_dict(model: Llama, *, skip: Sequence[str] = ()) -> dict[str, np.ndarra
     """The model's parameters as a Hugging Face state dict of NumPy arrays (kernels transposed),
     leaving out the parameter paths in `skip`."""
     tensors = {}
-    for name_path, variable in _parameters(model):
+    for name_path, variable in parameters(model):
         if name_path in skip:
             continue
         value = np.asarray(variable.get_value())
@@ -565,7 +566,7 @@ def save_pretrained(model: Llama, path: str | os.PathLike) -> None:
     """
     os.makedirs(path, exist_ok=True)
     config = model.config.to_hf()
-    dtypes = {np.asarray(v.get_value()).dtype for _, v in _parameters(model)}
+    dtypes = {np.asarray(v.get_value()).dtype for _, v in parameters(model)}
     config["torch_dtype"] = str(dtypes.pop()) if len(dtypes) == 1 else "float32"
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
