@@ -442,11 +442,8 @@ def _mse_parameters(
 
     def error(c):
         step, zero = _grid_parameters(groups, c, num_letters=num_letters, rule=rule, grid=grid)
-        alphabet = UniformAlphabet(step[..., None, :], num_letters, zero_point=None, signed=signed)
-        if zero is not None:
-            alphabet = UniformAlphabet(
-                step[..., None, :], num_letters, zero_point=zero[..., None, :]
-            )
+        zero = None if zero is None else zero[..., None, :]
+        alphabet = UniformAlphabet(step[..., None, :], num_letters, zero_point=zero, signed=signed)
         residual = jnp.where(valid, values - alphabet.project(values), 0.0)
         squares = jnp.sum(residual**2, axis=-2)
         return jnp.sum(squares, axis=-1, keepdims=True) if per_tensor else squares

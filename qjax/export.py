@@ -491,11 +491,13 @@ def _units(
 
 
 def _infer_grid(w: np.ndarray, layout: _Layout) -> _Grid | None:
-    """The zero-centred uniform grid with the fewest letters holding every weight, or None.
+    """The uniform grid with the fewest letters holding every weight, or None.
 
     Per group of `layout`, the unit h of `_units`. If every multiple m of every group is odd the
-    grid is {±1, ±3, ...}·h (δ = 2h, even n); otherwise {−K..K}·h (δ = h, n = 2K+1). The steps
-    are then chosen so that the letters are the weights bit for bit.
+    grid is {±1, ±3, ...}·h (δ = 2h, even n); otherwise {−K..K}·h (δ = h, n = 2K+1), or the
+    signed grid {−K'..K'−1}·h (n = 2K', zero point K') when its codes take fewer bits (int4
+    weights {−8..7}·h: 16 letters, 4 bits, not 17 in a byte). The steps are then chosen so that
+    the letters are the weights bit for bit.
     """
     groups = layout.groups(w)
     valid = ~np.isnan(groups)
@@ -509,22 +511,31 @@ def _infer_grid(w: np.ndarray, layout: _Layout) -> _Grid | None:
         return None
     multiples = np.round(values / unit[:, None]).astype(np.int64)
     low, high = _unit_bounds(rounding, valid, multiples)
+    signed = False
     if np.all((multiples % 2 == 1) | ~valid):  # every letter present is odd: no zero letter
         num_letters = int(np.abs(multiples).max()) + 1
         codes, low, high = (multiples + num_letters - 1) // 2, 2 * low, 2 * high
     else:
         half = int(np.abs(multiples).max())
         num_letters, codes = 2 * half + 1, multiples + half
+        signed_half = max(-int(multiples.min()), int(multiples.max()) + 1)
+        signed = container_bits(min(2 * signed_half, MAX_LETTERS)) < container_bits(
+            min(num_letters, MAX_LETTERS)
+        )
+        if signed:
+            num_letters, codes = 2 * signed_half, multiples + signed_half
     if num_letters > MAX_LETTERS:
         return None
     scale_dtype = _scale_dtype(w.dtype)
-    offsets = codes.astype(scale_dtype) - scale_dtype.type((num_letters - 1) / 2)
+    zero = num_letters // 2 if signed else (num_letters - 1) / 2
+    offsets = codes.astype(scale_dtype) - scale_dtype.type(zero)
     step = _exact_steps(np.where(valid, groups, 0).astype(w.dtype), valid, offsets, low, high)
     return _Grid(
         codes=layout.ungroup(codes),
         scale=step.reshape(layout.scale_shape),
         num_letters=num_letters,
         layout=layout,
+        signed=signed,
     )
 
 

@@ -85,3 +85,20 @@ def logits(directory, tokens: np.ndarray) -> np.ndarray:
 
 def tokens(batch: int = 2, length: int = 12, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, VOCAB, (batch, length)).astype(np.int32)
+
+
+def logits_of_tensors(config_dir, tensors, tokens: np.ndarray) -> np.ndarray:
+    """transformers' float32 logits of the architecture in `config_dir`/config.json with the
+    float state dict `tensors` (name → NumPy array; every parameter, strictly)."""
+    config = transformers.AutoConfig.from_pretrained(config_dir)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = transformers.AutoModelForCausalLM.from_config(
+        config, attn_implementation="eager", dtype=torch.float32
+    ).eval()
+    state = {name: torch.from_numpy(np.array(value)) for name, value in tensors.items()}
+    if config.tie_word_embeddings:
+        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
+    model.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        return model(torch.as_tensor(np.asarray(tokens, np.int64))).logits.numpy()

@@ -25,7 +25,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -36,7 +36,17 @@ from flax import nnx
 from qjax.llm import checkpoint
 from qjax.rules import path_name
 
-__all__ = ["Llama", "LlamaConfig", "from_pretrained", "hf_name", "save_pretrained"]
+__all__ = [
+    "Llama",
+    "LlamaConfig",
+    "build",
+    "from_pretrained",
+    "hf_name",
+    "parameters",
+    "read_config",
+    "save_pretrained",
+    "state_dict",
+]
 
 # model_type → (biases of q/k/v, bias of o, q/k norm); other keys are read from config.json.
 _FAMILIES = {
@@ -446,7 +456,7 @@ def hf_name(path: str) -> str:
     return ".".join([*prefix, *module, _LEAF_NAMES[leaf]])
 
 
-def _parameters(model: Llama) -> list[tuple[str, nnx.Variable]]:
+def parameters(model: Llama) -> list[tuple[str, nnx.Variable]]:
     """(path, Variable) of every parameter, paths as `qjax.rules.path_name`."""
     state = nnx.state(model, nnx.Param)
     leaves = jax.tree_util.tree_leaves_with_path(
@@ -455,7 +465,8 @@ def _parameters(model: Llama) -> list[tuple[str, nnx.Variable]]:
     return [(path_name(keypath), variable) for keypath, variable in leaves]
 
 
-def _read_config(path: str) -> dict[str, Any]:
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The `config.json` of a checkpoint directory, as a dict."""
     file = os.path.join(path, "config.json")
     if not os.path.exists(file):
         raise FileNotFoundError(f"no config.json in {path}")
@@ -483,29 +494,51 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32) -> Llama:
         shape, or not used by the model (a quantized checkpoint, another architecture).
     """
     path = os.fspath(path)
-    config = LlamaConfig.from_hf(_read_config(path))
     reader = checkpoint.CheckpointReader(path)
+    return build(read_config(path), reader.__getitem__, reader.names, dtype=dtype, source=path)
+
+
+def build(
+    config: Mapping[str, Any],
+    tensor: Callable[[str], np.ndarray],
+    names: Sequence[str],
+    *,
+    dtype=jnp.float32,
+    source: str = "the checkpoint",
+) -> Llama:
+    """A `Llama` of a `config.json` dict whose weights come one by one from `tensor(name)`.
+
+    Args:
+      config: the Hugging Face config dict.
+      tensor: the (out, in)-layout tensor of a checkpoint name ("model.norm.weight").
+      names: every name the checkpoint holds (names the model does not use are an error).
+      dtype: the parameters' dtype.
+      source: the checkpoint, for error messages.
+    """
+    config = LlamaConfig.from_hf(config)
     model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0), dtype=dtype))
-    used = set()
-    for name_path, variable in _parameters(model):
+    available = set(names)
+    for name_path, variable in parameters(model):
         name = hf_name(name_path)
-        if name not in reader:
-            raise ValueError(f"the checkpoint in {path} has no tensor {name!r} ({name_path})")
-        tensor = reader[name]
+        if name not in available:
+            raise ValueError(f"{source} has no tensor {name!r} ({name_path})")
+        value = tensor(name)
         if name_path.endswith("/kernel"):
-            tensor = tensor.T
-        if tensor.shape != variable.shape:
+            value = value.T
+        expected = variable.get_value().shape
+        if value.shape != expected:
             raise ValueError(
-                f"tensor {name!r} has shape {tensor.shape}, the model expects {variable.shape}"
+                f"tensor {name!r} has shape {value.shape}, the model expects {expected}"
             )
-        variable.set_value(jnp.asarray(tensor.astype(dtype)))
-        used.add(name)
-    unused = [n for n in reader.names if n not in used]
+        variable.set_value(jnp.asarray(value.astype(dtype)))
+        available.discard(name)
     # Tied checkpoints may still store lm_head.weight (a copy of the embedding).
-    unused = [n for n in unused if not (config.tie_word_embeddings and n == "lm_head.weight")]
+    unused = sorted(
+        n for n in available if not (config.tie_word_embeddings and n == "lm_head.weight")
+    )
     if unused:
         raise ValueError(
-            f"the checkpoint in {path} has tensors the model does not use: {unused[:5]}"
+            f"{source} has tensors the model does not use: {unused[:5]}"
             f"{' ...' if len(unused) > 5 else ''}"
         )
     return model
@@ -515,7 +548,7 @@ def state_dict(model: Llama, *, skip: Sequence[str] = ()) -> dict[str, np.ndarra
     """The model's parameters as a Hugging Face state dict of NumPy arrays (kernels transposed),
     leaving out the parameter paths in `skip`."""
     tensors = {}
-    for name_path, variable in _parameters(model):
+    for name_path, variable in parameters(model):
         if name_path in skip:
             continue
         value = np.asarray(variable.get_value())
@@ -533,7 +566,7 @@ def save_pretrained(model: Llama, path: str | os.PathLike) -> None:
     """
     os.makedirs(path, exist_ok=True)
     config = model.config.to_hf()
-    dtypes = {np.asarray(v.get_value()).dtype for _, v in _parameters(model)}
+    dtypes = {np.asarray(v.get_value()).dtype for _, v in parameters(model)}
     config["torch_dtype"] = str(dtypes.pop()) if len(dtypes) == 1 else "float32"
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
