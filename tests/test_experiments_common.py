@@ -1,6 +1,8 @@
 """Tests of the experiments' shared training loop: resume, config fingerprint, NaN, results."""
 
 import json
+import pathlib
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 
+import qjax
 from experiments import common
 
 X = np.random.default_rng(0).normal(size=(48, 3)).astype(np.float32)
@@ -134,14 +137,29 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert all(np.isfinite(history["train_loss"]))
 
 
-def test_write_results_records_command_config_and_machine(tmp_path):
+def test_write_results_records_command_config_machine_and_qjax(tmp_path):
     workdir = common.open_workdir(config(), tmp_path)
     common.write_results(workdir, {"accuracy": np.float32(0.5)}, "| a |\n", config())
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["accuracy"] == 0.5 and saved["config"]["epochs"] == 4
     assert saved["machine"]["devices"] and saved["command"].startswith("python -m ")
+    # The tests run from a git checkout of qjax: its HEAD commit is recorded.
+    root = pathlib.Path(qjax.__file__).resolve().parents[1]
+    head = subprocess.run(
+        ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert saved["qjax"]["version"] == qjax.__version__ and saved["qjax"]["commit"] == head
     table = (tmp_path / "results.md").read_text()
     assert table.startswith("Command: `python -m") and "Machine:" in table and "| a |" in table
+    assert f"qjax {qjax.__version__}, commit {head}" in table
+
+
+def test_library_key_changes_with_the_commit(monkeypatch):
+    first = common.library_key()
+    monkeypatch.setattr(
+        common, "library", lambda: {"version": qjax.__version__, "commit": "0" * 40, "dirty": False}
+    )
+    assert common.library_key() != first
 
 
 def test_time_steps_counts_what_the_config_runs():

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import qjax
 from experiments import common
 from experiments.lm import pipeline, ptq
-from experiments.lm.configs import ptb, tiny
+from experiments.lm.configs import ptb, ptb_long, tiny
 from qjax import data, transforms
 from qjax.models import transformer
 
@@ -143,6 +144,16 @@ def test_ptb_config_builds_its_model():
     assert pipeline.steps_per_epoch(config, 929_589) > 0
 
 
+def test_ptb_long_config_sweeps_every_scale_and_seed():
+    config = ptb_long.get_config()
+    assert ptq.granularities(config) == ("channel", "group", "tensor")
+    assert ptq.calibration_seeds(config) == (0, 1, 2)
+    assert all(m in qjax.methods.names() for m in config.ptq.methods)
+    model = nnx.eval_shape(lambda: pipeline.make_model(config, 10_000))
+    count = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert math.isclose(count, ptb.NUM_PARAMS, rel_tol=1e-6)  # the same model, trained longer
+
+
 def test_unknown_dataset():
     config = tiny.get_config()
     config.dataset = "wikitext"
@@ -222,6 +233,29 @@ def test_quantization_sweep_end_to_end(tmp_path):
     )
 
 
+def test_calibration_seeds_each_choose_c_and_give_mean_and_std(tmp_path):
+    """Each calibration seed draws its own windows and chooses its own C on validation; the
+    table reports mean ± std (ddof = 1) of the seeds' test perplexities."""
+    config = small_ptq_config()
+    config.ptq.update(methods=("gpfq",), c_values=(None, 1.0))
+    config.ptq.granularities = ("tensor",)
+    config.ptq.calibration_seeds = (0, 1, 2)
+    results = ptq.run(config, str(tmp_path))
+    assert len(results["sweep"]) == 1 * 1 * 1 * 2 * 3  # methods × bits × scales × C × seeds
+    assert [r["seed"] for r in results["best"]] == [0, 1, 2]
+    for best in results["best"]:
+        same = [r for r in results["sweep"] if r["seed"] == best["seed"]]
+        assert best["valid_perplexity"] == min(r["valid_perplexity"] for r in same)
+    [summary] = results["over_seeds"]
+    values = [r["test_perplexity"] for r in results["best"]]
+    assert summary["test_perplexity"] == values and len(set(values)) > 1
+    assert math.isclose(summary["std"], float(np.std(values, ddof=1)))
+    table = (tmp_path / ptq.OUTPUT_DIR / "results.md").read_text()
+    assert f"| GPFQ | per tensor | {summary['mean']:.2f} ± {summary['std']:.2f} |" in table
+    windows = [ptq.calibration(pipeline.load_corpus(config), config, seed) for seed in (0, 1)]
+    assert not np.array_equal(windows[0][0], windows[1][0])
+
+
 def test_layer_specs_and_head_rules():
     config = small_config()
     spec = ptq.layer_spec(config, method="gptq", bits=3, granularity="group", c=None)
@@ -230,8 +264,13 @@ def test_layer_specs_and_head_rules():
         ptq.layer_spec(config, method="msq", bits=4, granularity="channel", c=1.0).group_size
         is None
     )
+    tensor = ptq.layer_spec(config, method="msq", bits=4, granularity="tensor", c=None)
+    assert tensor.group_size is None and not tensor.per_channel
     with pytest.raises(ValueError, match="granularity"):
-        ptq.layer_spec(config, method="msq", bits=4, granularity="tensor", c=None)
+        ptq.layer_spec(config, method="msq", bits=4, granularity="row", c=None)
+    config.ptq.granularities = ("channel", "row")
+    with pytest.raises(ValueError, match="row"):
+        ptq.granularities(config)
     tied = pipeline.make_model(config, 11)
     assert ptq.layer_rules(tied, config) == []
     config.model.tied_head = False

@@ -249,3 +249,27 @@ def test_short_cifar_configs_keep_the_papers_total_pull(name):
             learning_rate=0.01, reg=1e-4, steps_per_epoch=390, epochs=paper_epochs, growth="epoch"
         )
         assert pull == pytest.approx(paper, rel=5e-3), kind
+
+
+@pytest.mark.parametrize("variant", ["full", "tiny"])
+def test_fair_config_grid_holds_the_papers_final_strength_and_smaller(variant):
+    """The λ grid, run through the experiment's strength schedule, reaches at the last quantized
+    step the paper's per-step strength η·λ_t = 2e-4, and smaller and larger ones."""
+    from experiments.proxquant.configs import fair
+
+    config = fair.get_config(variant)
+    steps_per_epoch = (config.train_size - config.validation_size) // config.batch_size
+    last = steps_per_epoch * config.quant.epochs - 1
+    for kind in ("binary", "ternary"):
+        finals = [
+            transforms.linear_reg_schedule(
+                learning_rate=config.quant.learning_rate,
+                reg=reg,
+                steps_per_epoch=steps_per_epoch,
+                growth=config.quant.reg_growth,
+            )(last)
+            for reg in config.quant[f"reg_{kind}_values"]
+        ]
+        ratios = sorted(f / 2e-4 for f in finals[:-1])
+        np.testing.assert_allclose(ratios, fair.STRENGTH_MULTIPLES, rtol=5e-3)
+        assert min(finals) < 2e-4 < max(finals)

@@ -1,5 +1,5 @@
-"""Every measured number in the README's and docs/results.md's tables is in its own cell of a
-table of the run it quotes, under results/.
+"""Every measured number in the tables of the README, docs/results.md and docs/lm.md is in its
+own cell of a table of the run it quotes, under results/.
 
 A table belongs to the last `results/<run>/` named before it in the same section. Each of its
 cells is found by its row and its column: the row's labels (the cells of its label columns,
@@ -101,7 +101,7 @@ def missing_numbers(cells: list[tuple[tuple, str]], recorded: dict[tuple, list[s
     return missing
 
 
-PAGES = ("README.md", "docs/results.md")
+PAGES = ("README.md", "docs/results.md", "docs/lm.md")
 
 
 @pytest.mark.parametrize("page", PAGES)

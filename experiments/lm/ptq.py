@@ -1,16 +1,19 @@
-"""The quantization half of the transformer-LM experiment: GPFQ, GPTQ and RTN at 4, 3, 2 bits.
+"""The quantization half of the transformer-LM experiment: GPFQ, GPTQ, Qronos and RTN.
 
 `run(config, workdir)` restores the float model that `experiments.lm.pipeline.run` trained in
 `workdir` (training it first when `<workdir>/float_model` is missing), draws calibration windows
 from the training split (`qjax.data.calibration_batches`), and for every method of
-`config.ptq.methods`, bit width of `config.ptq.bits` and granularity (per channel, and
-group-wise with `config.ptq.group_size` inputs per scale) quantizes every attention and MLP
-kernel with `qjax.quantize_model`. The token and position embeddings stay float, and so does
+`config.ptq.methods`, bit width of `config.ptq.bits` and granularity of
+`config.ptq.granularities` (per channel, group-wise with `config.ptq.group_size` inputs per
+scale, or per tensor) quantizes every attention and MLP kernel with `qjax.quantize_model`, once
+per calibration seed of `config.ptq.calibration_seeds` (each seed draws its own calibration
+windows; () uses config.seed alone). The token and position embeddings stay float, and so does
 the head when it is tied to the embedding; an untied head is rounded to `config.ptq.head_bits`
 (RTN per channel; 0 keeps it float). The scale constant C is chosen among `config.ptq.c_values`
-(None: the MSE-best C per scale group) by validation perplexity; the chosen model's test
-perplexity is reported. Outputs go to `<workdir>/ptq`: results.json, results.md (command and
-machine), and the plots perplexity_vs_bits.png and layer_error.png.
+(None: the MSE-best C per scale group) by validation perplexity, for each seed; the chosen
+model's test perplexity is reported, and with several seeds its mean ± std over the seeds.
+Outputs go to `<workdir>/ptq`: results.json, results.md (command and machine), and the plots
+perplexity_vs_bits.png and layer_error.png.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from qjax import data
 from qjax.models import TransformerLM
 
 OUTPUT_DIR = "ptq"
-GRANULARITIES = ("channel", "group")
+GRANULARITIES = ("channel", "group", "tensor")
 
 
 def float_model(config: ml_collections.ConfigDict, workdir: str) -> TransformerLM:
@@ -44,11 +47,22 @@ def float_model(config: ml_collections.ConfigDict, workdir: str) -> TransformerL
     return pipeline.restore_float_model(config, workdir, vocab_size=len(corpus.vocab))
 
 
-def calibration(corpus: data.TextCorpus, config: ml_collections.ConfigDict) -> list[np.ndarray]:
-    """`config.ptq.calibration_sequences` training windows of seq_len tokens, in batches."""
+def calibration_seeds(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """The seeds that draw calibration windows: config.ptq.calibration_seeds, or config.seed."""
+    return tuple(config.ptq.get("calibration_seeds", ())) or (config.seed,)
+
+
+def calibration(
+    corpus: data.TextCorpus, config: ml_collections.ConfigDict, seed: int | None = None
+) -> list[np.ndarray]:
+    """`config.ptq.calibration_sequences` training windows of seq_len tokens drawn with `seed`
+    (default config.seed), in batches."""
     ptq = config.ptq
     windows = data.calibration_batches(
-        corpus, num_sequences=ptq.calibration_sequences, seq_len=config.seq_len, seed=config.seed
+        corpus,
+        num_sequences=ptq.calibration_sequences,
+        seq_len=config.seq_len,
+        seed=config.seed if seed is None else seed,
     )
     step = ptq.calibration_batch_size
     return [windows[i : i + step] for i in range(0, len(windows), step)]
@@ -67,12 +81,32 @@ def layer_rules(
 def layer_spec(
     config: ml_collections.ConfigDict, *, method: str, bits: int, granularity: str, c: float | None
 ) -> qjax.LayerSpec:
-    """The spec of every attention and MLP kernel: per channel, or group-wise."""
+    """The spec of every attention and MLP kernel: per channel, group-wise or per tensor."""
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     group_size = config.ptq.group_size if granularity == "group" else None
     return qjax.LayerSpec(
-        method=method, bits=bits, c=c, rule=config.ptq.rule, group_size=group_size
+        method=method,
+        bits=bits,
+        c=c,
+        rule=config.ptq.rule,
+        per_channel=granularity != "tensor",
+        group_size=group_size,
+    )
+
+
+def granularities(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The granularities swept: config.ptq.granularities (per channel and group-wise if absent)."""
+    chosen = tuple(config.ptq.get("granularities", ("channel", "group")))
+    unknown = [g for g in chosen if g not in GRANULARITIES]
+    if unknown:
+        raise ValueError(f"config.ptq.granularities {unknown} are not in {GRANULARITIES}")
+    return chosen
+
+
+def scales_label(granularity: str, group_size: int) -> str:
+    return {"channel": "per channel", "tensor": "per tensor"}.get(
+        granularity, f"group {group_size}"
     )
 
 
@@ -123,34 +157,68 @@ def quantize_and_score(
 def sweep(
     model: TransformerLM, corpus: data.TextCorpus, config: ml_collections.ConfigDict
 ) -> tuple[list[dict], list[dict]]:
-    """Every (method, bits, granularity, C); the best C of each by validation perplexity.
+    """Every (method, bits, granularity, C, calibration seed); for each seed, the best C of each
+    (method, bits, granularity) by validation perplexity.
+
+    The seeds are the inner loop, so that their models (one spec) reuse one compiled pass.
 
     Returns:
-      (all rows, the best row of each (method, bits, granularity) with its test_perplexity).
+      (all rows, the best row of each (method, bits, granularity, seed) with its
+      test_perplexity).
     """
     ptq = config.ptq
-    batches = calibration(corpus, config)
+    seeds = calibration_seeds(config)
+    batches = {seed: calibration(corpus, config, seed) for seed in seeds}
     rows, best = [], []
     for method in ptq.methods:
         for bits in ptq.bits:
-            for granularity in GRANULARITIES:
-                candidates = [
-                    quantize_and_score(
-                        model,
-                        batches,
-                        corpus.valid,
-                        config,
-                        method=method,
-                        bits=bits,
-                        granularity=granularity,
-                        c=c,
+            for granularity in granularities(config):
+                candidates = {seed: [] for seed in seeds}
+                for c in ptq.c_values:
+                    for seed in seeds:
+                        quantized, row = quantize_and_score(
+                            model,
+                            batches[seed],
+                            corpus.valid,
+                            config,
+                            method=method,
+                            bits=bits,
+                            granularity=granularity,
+                            c=c,
+                        )
+                        row["seed"] = seed
+                        rows.append(row)
+                        candidates[seed].append((quantized, row))
+                for seed in seeds:
+                    chosen, row = min(
+                        candidates[seed], key=lambda pair: pair[1]["valid_perplexity"]
                     )
-                    for c in ptq.c_values
-                ]
-                rows += [row for _, row in candidates]
-                chosen, row = min(candidates, key=lambda pair: pair[1]["valid_perplexity"])
-                best.append({**row, "test_perplexity": perplexity(chosen, corpus.test, config)})
+                    best.append({**row, "test_perplexity": perplexity(chosen, corpus.test, config)})
     return rows, best
+
+
+def over_seeds(best: list[dict]) -> list[dict]:
+    """Mean ± std (ddof = 1; None for one seed) over the calibration seeds of each (method, bits,
+    granularity)."""
+    groups = {}
+    for row in best:
+        groups.setdefault((row["method"], row["bits"], row["granularity"]), []).append(row)
+    return [
+        {
+            "method": method,
+            "bits": bits,
+            "granularity": granularity,
+            "c": [r["c"] for r in group],
+            "test_perplexity": [r["test_perplexity"] for r in group],
+            "mean": float(np.mean([r["test_perplexity"] for r in group])),
+            "std": (
+                float(np.std([r["test_perplexity"] for r in group], ddof=1))
+                if len(group) > 1
+                else None
+            ),
+        }
+        for (method, bits, granularity), group in groups.items()
+    ]
 
 
 def method_seconds(rows: list[dict]) -> dict[str, dict[str, float]]:
@@ -179,14 +247,31 @@ def results_markdown(results: dict) -> str:
         "| method | scales | " + " | ".join(f"{b}-bit" for b in bits) + " |",
         "|---|---|" + "---|" * len(bits),
     ]
+    seeds = results["calibration_seeds"]
+    if len(seeds) > 1:
+        lines[0] = (
+            f"Float: valid perplexity {results['float']['valid_perplexity']:.2f}, test perplexity "
+            f"{results['float']['test_perplexity']:.2f}. Quantized: {results['quantized_layers']}; "
+            f"{results['float_layers']}. Calibration: {results['calibration_tokens']:,} training "
+            f"tokens, drawn by each of {len(seeds)} seeds ({', '.join(map(str, seeds))}); for "
+            f"each seed C is chosen on validation among {results['c_values']} (rule "
+            f"{results['rule']!r}). Test perplexity, mean ± standard deviation over the seeds:"
+        )
     for method in results["methods"]:
-        for granularity in GRANULARITIES:
-            cells = {
-                r["bits"]: f"{r['test_perplexity']:.2f} ({c_label(r['c'])})"
-                for r in results["best"]
-                if r["method"] == method and r["granularity"] == granularity
-            }
-            scales = "per channel" if granularity == "channel" else f"group {results['group_size']}"
+        for granularity in results["granularities"]:
+            if len(seeds) > 1:
+                cells = {
+                    r["bits"]: f"{r['mean']:.2f} ± {r['std']:.2f}"
+                    for r in results["over_seeds"]
+                    if r["method"] == method and r["granularity"] == granularity
+                }
+            else:
+                cells = {
+                    r["bits"]: f"{r['test_perplexity']:.2f} ({c_label(r['c'])})"
+                    for r in results["best"]
+                    if r["method"] == method and r["granularity"] == granularity
+                }
+            scales = scales_label(granularity, results["group_size"])
             lines.append(
                 f"| {method.upper()} | {scales} | " + " | ".join(cells[b] for b in bits) + " |"
             )
@@ -220,25 +305,27 @@ def plot_perplexity(results: dict, path: str) -> None:
     fig, ax = plots.plt.subplots(figsize=(5, 3.5))
     for method in results["methods"]:
         name, color = plots.METHOD_STYLE.get(method, (method.upper(), None))
-        for granularity, style in zip(GRANULARITIES, ("o-", "s:"), strict=True):
+        styles = {"channel": "o-", "group": "s:", "tensor": "^--"}
+        for granularity in results["granularities"]:
             rows = [
                 r
-                for r in results["best"]
+                for r in results["over_seeds"]
                 if r["method"] == method and r["granularity"] == granularity
             ]
-            label = f"{name} {'channel' if granularity == 'channel' else 'group'}"
-            ax.plot(
+            ax.errorbar(
                 [r["bits"] for r in rows],
-                [r["test_perplexity"] for r in rows],
-                style,
-                label=label,
+                [r["mean"] for r in rows],
+                yerr=[r["std"] or 0.0 for r in rows],
+                fmt=styles[granularity],
+                label=f"{name} {granularity}",
                 color=color,
+                capsize=2,
             )
     ax.axhline(results["float"]["test_perplexity"], color="gray", ls="--", label="float")
     ax.set_yscale("log")
     ax.set_xticks(results["bits"])
     ax.set_xlabel("bits per weight")
-    ax.set_ylabel("test perplexity (best C on valid)")
+    ax.set_ylabel("test perplexity (best C on valid; mean ± std over seeds)")
     ax.set_title(results["title"])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -260,11 +347,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     model = float_model(config, workdir)
     rows, best = sweep(model, corpus, config)
     lowest = min(ptq.bits)
+    first_granularity = granularities(config)[0]
     at_lowest = {
         m: next(
             r
             for r in best
-            if r["method"] == m and r["bits"] == lowest and r["granularity"] == "channel"
+            if r["method"] == m and r["bits"] == lowest and r["granularity"] == first_granularity
         )
         for m in ptq.methods
     }
@@ -286,12 +374,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "calibration_tokens": ptq.calibration_sequences * config.seq_len,
         "methods": list(ptq.methods),
         "bits": list(ptq.bits),
+        "granularities": list(granularities(config)),
         "group_size": ptq.group_size,
+        "calibration_seeds": list(calibration_seeds(config)),
         "rule": ptq.rule,
         "c_values": [c_label(c) for c in ptq.c_values],
         "best": best,
+        "over_seeds": over_seeds(best),
         "seconds": method_seconds(rows),
-        "layer_errors_at": f"{lowest}-bit per channel, best C",
+        "layer_errors_at": f"{lowest}-bit {scales_label(first_granularity, ptq.group_size)}, "
+        f"best C, calibration seed {calibration_seeds(config)[0]}",
         "layer_errors": {m: r["layers"] for m, r in at_lowest.items()},
         "sweep": rows,
     }
