@@ -106,7 +106,7 @@ def quantize_and_score(
         "c": c,
         "seconds": seconds,
         "valid_perplexity": perplexity(quantized, valid, config),
-        "layers": [r._asdict() for r in reports],
+        "layers": [{k: v for k, v in r._asdict().items() if k != "alphabet"} for r in reports],
     }
     logging.info(
         "%s %d-bit %s C=%s: valid perplexity %.2f (%.1fs)",
