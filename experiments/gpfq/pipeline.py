@@ -104,7 +104,11 @@ def quantize_and_evaluate(
         "valid_accuracy": valid_accuracy,
         "test_accuracy": test_accuracy,
         "seconds": seconds,
-        "layers": [r._asdict() for r in report],
+        "layers": [  # the quantized and skipped layers, as plain numbers
+            {k: v for k, v in r._asdict().items() if k != "alphabet"}
+            for r in report
+            if r.method != "not reached"
+        ],
     }
 
 

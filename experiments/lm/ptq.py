@@ -140,7 +140,11 @@ def quantize_and_score(
         "c": c,
         "seconds": seconds,
         "valid_perplexity": perplexity(quantized, valid, config),
-        "layers": [r._asdict() for r in reports],
+        "layers": [  # the quantized and skipped layers, as plain numbers
+            {k: v for k, v in r._asdict().items() if k != "alphabet"}
+            for r in reports
+            if r.method != "not reached"
+        ],
     }
     logging.info(
         "%s %d-bit %s C=%s: valid perplexity %.2f (%.1fs)",
