@@ -24,8 +24,10 @@ def run_benchmark(*args: str) -> str:
 
 def test_gpfq_layer_benchmark_prints_its_ratios():
     out = run_benchmark("benchmarks.gpfq_layer", "--small", "--repeats=1")
-    assert "| gpfq / floor |" in out
-    assert "| dense m=2000 N0=196 N1=100 |" in out
+    assert "| qjax / floor |" in out
+    for method in ("gpfq", "gptq"):
+        assert f"| dense m=2000 N0=196 N1=100 | {method} |" in out
+    assert re.search(r"\| conv 3x3 32→32, .* \| gpfq \| .* over 1 rounds\)", out), out
     assert "speed-up ×" in out
 
 
@@ -39,6 +41,7 @@ def test_export_benchmark_prints_its_table():
 @pytest.mark.slow
 def test_gpfq_scale_benchmark_prints_its_tables():
     out = run_benchmark("benchmarks.gpfq_scale", "--small", "--skip-large", "--repeats=1")
+    assert "| 196→125 | 500 | gpfq |" in out
     assert "cost curve" in out
     assert "| 8 |" in out  # the 8-simulated-device row
 
