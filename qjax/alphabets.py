@@ -53,6 +53,7 @@ from jax.typing import ArrayLike
 __all__ = [
     "GRIDS",
     "Alphabet",
+    "Grid",
     "UniformAlphabet",
     "binary",
     "by_bits",
@@ -112,7 +113,7 @@ class UniformAlphabet:
 
     @property
     def grid(self) -> str:
-        """ "asymmetric", "signed" or "centered"."""
+        """The grid: "asymmetric" (a zero point per scale group), "signed" or "centered"."""
         if self.zero_point is not None:
             return "asymmetric"
         return "signed" if self.signed else "centered"
