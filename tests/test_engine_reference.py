@@ -13,12 +13,15 @@ own alphabets and its own GPFQ and GPTQ.
   λ·mean(diag H); U the upper Cholesky factor of H⁻¹; q_t = Q(w_t), e_t = (w_t - q_t)/U_tt,
   w_s ← w_s - U_ts e_t for s > t.
 
-The engine runs in float32, so a letter may differ from the float64 reference where the rounding
-argument lies within float32 error of a decision boundary (the midpoint of two letters). The
-comparison allows exactly that and nothing else: at each step the reference takes the engine's
-letter only if it is the other neighbour of the boundary and the argument is within a bound of
-it derived from float32 arithmetic (`_gpfq_bound`, `_gptq_bound`); any other difference fails.
-The reference then goes on from the engine's letter, so one near-tie does not change the rest.
+The engine runs in float32 (and, with `jax.enable_x64`, in float64), so a letter may differ from
+the float64 reference where the rounding argument lies within the engine's rounding error of a
+decision boundary (the midpoint of two letters). The comparison allows exactly that and nothing
+else: at each step the reference takes the engine's letter only if it is the other neighbour of
+the boundary and the argument is within a bound of it derived from the engine's unit roundoff ε
+(see `gpfq_layer` and `gptq_layer`); any other difference fails. The reference then goes on
+from the engine's letter, so one near-tie does not change the rest. GPTQ's bound carries the
+condition number of H, which makes it loose in float32; the float64 runs, whose bounds are
+about 1e-9 of a step, check its letters exactly.
 """
 
 import dataclasses
@@ -34,13 +37,14 @@ import qjax
 from qjax import LayerSpec
 
 U32 = 2.0**-24  # unit roundoff of float32
+U64 = 2.0**-53  # unit roundoff of float64
 # At most this fraction of the letters may come from near-ties: more would make the test weak.
 MAX_NEAR_TIE_FRACTION = 0.01
 
 
-def gamma(k: int) -> float:
-    """γ_k = k·u / (1 - k·u): the relative error bound of k float32 operations in a row."""
-    return k * U32 / (1 - k * U32)
+def gamma(k: int, unit: float) -> float:
+    """γ_k = k·ε / (1 - k·ε): the relative error bound of k operations in a row."""
+    return k * unit / (1 - k * unit)
 
 
 # ------------------------------------------------------------------------------------------
@@ -200,20 +204,21 @@ class Letters:
 # ------------------------------------------------------------------------------------------
 
 
-def gpfq_layer(w, x, x_tilde, letters: Letters, x_abs, x_tilde_abs, chain: int):
+def gpfq_layer(w, x, x_tilde, letters: Letters, x_abs, x_tilde_abs, chain: int, unit: float):
     """Sequential GPFQ of one layer, neuron by neuron, input by input (the paper's form).
 
-    The float32 bound on the argument: the engine forms <X~_t, u_{t-1} + w_t X_t> as
-    Σ_{s≤t} H_ts w_s - Σ_{s<t} G_ts q_s from G = X~ᵀX~ and H = X~ᵀX; every term passes at most
-    `chain` + m + N0 roundings (the forward passes, the sums over rows, the sums over inputs),
-    so its error is at most γ_K times the same sums taken over absolute values (|X|, |X~| from
-    the absolute-value network, which bounds the forward passes' errors too).
+    The bound on the argument, for an engine of unit roundoff ε: the engine forms
+    <X~_t, u_{t-1} + w_t X_t> as Σ_{s≤t} H_ts w_s - Σ_{s<t} G_ts q_s from G = X~ᵀX~ and
+    H = X~ᵀX; every term passes at most `chain` + m + N0 roundings (the forward passes, the
+    sums over rows, the sums over inputs), so its error is at most γ_K times the same sums
+    taken over absolute values (|X|, |X~| from the absolute-value network, which bounds the
+    forward passes' errors too).
     """
     m, n0 = x.shape
     norms = np.sum(x_tilde * x_tilde, axis=0)
     dead = norms <= 1e-12 * norms.max()  # GPFQ's default dead_tol
     abs_gram, abs_cross = x_tilde_abs.T @ x_tilde_abs, x_tilde_abs.T @ x_abs
-    g = gamma(chain + m + n0 + 4)
+    g = gamma(chain + m + n0 + 4, unit)
     q = np.zeros_like(w)
     for n in range(w.shape[1]):
         u = np.zeros(m)
@@ -225,38 +230,39 @@ def gpfq_layer(w, x, x_tilde, letters: Letters, x_abs, x_tilde_abs, chain: int):
                 argument = x_tilde[:, t] @ v / norms[t]
                 terms = abs_cross[t, : t + 1] @ np.abs(w[: t + 1, n])
                 terms += abs_gram[t, :t] @ np.abs(q[:t, n])
-                bound = g * (terms / norms[t] + 2 * abs(argument)) + 2 * U32 * letters.steps[t, n]
+                bound = g * (terms / norms[t] + 2 * abs(argument)) + 2 * unit * letters.steps[t, n]
             code = letters.choose(t, n, argument, bound)
             q[t, n] = letters.letter(code, t, n)
             u = v - q[t, n] * x_tilde[:, t]
     return q
 
 
-def gptq_layer(w, x_tilde, letters: Letters, x_tilde_abs, chain: int, damping: float = 0.01):
+def gptq_layer(w, x_tilde, letters: Letters, x_tilde_abs, chain: int, unit: float):
     """GPTQ of one layer, input by input (Frantar et al., Algorithm 1, without lazy batches).
 
-    The float32 bound on the rounding argument w_t (after the updates of inputs s < t): the
-    engine inverts and factors the damped H in float32, which perturbs U by about
-    N0·κ(H)·u relative to its entries (κ the condition number), and G itself carries the sums'
+    The bound on the rounding argument w_t (after the updates of inputs s < t), for an engine of
+    unit roundoff ε: the engine inverts and factors the damped H, which perturbs U by about
+    N0·κ(H)·ε relative to its entries (κ the condition number), and G itself carries the sums'
     error γ_m of |X~|ᵀ|X~|; the argument's error is bounded by that relative error times
-    |w_t| + Σ_{s<t} |U_st e_s|, the sizes of the terms that make it.
+    |w_t| + Σ_{s<t} |U_st e_s|, the sizes of the terms that make it. H is damped by
+    0.01·mean(diag H), GPTQ's default.
     """
     m, n0 = x_tilde.shape
     h = x_tilde.T @ x_tilde
     dead = np.diag(h) <= 0
     h[dead, dead] = 1.0
     w = np.where(dead[:, None], 0.0, w)
-    h += damping * np.mean(np.diag(h)) * np.eye(n0)
+    h += 0.01 * np.mean(np.diag(h)) * np.eye(n0)
     u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper, H⁻¹ = UᵀU
     abs_gram = x_tilde_abs.T @ x_tilde_abs
-    relative = gamma(chain + m) * np.max(abs_gram / np.diag(h)[:, None]) + n0 * U32
+    relative = gamma(chain + m, unit) * np.max(abs_gram / np.diag(h)[:, None]) + n0 * unit
     relative *= 4 * np.linalg.cond(h)
     w = w.copy()
     size = np.abs(w)
     q = np.zeros_like(w)
     for t in range(n0):
         for n in range(w.shape[1]):
-            code = letters.choose(t, n, w[t, n], relative * size[t, n] + 2 * U32 * size[t, n])
+            code = letters.choose(t, n, w[t, n], (relative + 2 * unit) * size[t, n])
             q[t, n] = letters.letter(code, t, n)
         e = (w[t] - q[t]) / u[t, t]
         w[t + 1 :] -= np.outer(u[t, t + 1 :], e)
@@ -269,7 +275,7 @@ def gptq_layer(w, x_tilde, letters: Letters, x_tilde_abs, chain: int, damping: f
 # ------------------------------------------------------------------------------------------
 
 
-def reference_codes(layers, params, engine_params, x, *, method, alphabet):
+def reference_codes(layers, params, engine_params, x, *, method, alphabet, unit=U32):
     """Quantizes the model layer by layer in float64, following the engine's letters only at
     near-ties.
 
@@ -280,6 +286,7 @@ def reference_codes(layers, params, engine_params, x, *, method, alphabet):
       x: the calibration inputs.
       method: "gpfq" or "gptq".
       alphabet: maps a weight matrix w (N0, N1) to (the step of each weight, number of letters).
+      unit: the unit roundoff of the engine's arithmetic (float32 unless x64 is enabled).
 
     Returns:
       The `Letters` of each layer.
@@ -297,9 +304,9 @@ def reference_codes(layers, params, engine_params, x, *, method, alphabet):
         rows, rows_tilde = layer_rows(layer, x_float), layer_rows(layer, x_tilde)
         rows_abs, rows_tilde_abs = layer_rows(layer, x_abs), layer_rows(layer, x_tilde_abs)
         if method == "gpfq":
-            q = gpfq_layer(w, rows, rows_tilde, letters, rows_abs, rows_tilde_abs, chain)
+            q = gpfq_layer(w, rows, rows_tilde, letters, rows_abs, rows_tilde_abs, chain, unit)
         else:
-            q = gptq_layer(w, rows_tilde, letters, rows_tilde_abs, chain)
+            q = gptq_layer(w, rows_tilde, letters, rows_tilde_abs, chain, unit)
         results.append(letters)
         q = q.reshape(kernel.shape)
         linear = dataclasses.replace(layer, relu=False)  # |.| passes ReLU unchanged
@@ -311,9 +318,11 @@ def reference_codes(layers, params, engine_params, x, *, method, alphabet):
     return results
 
 
-def assert_engine_equals_reference(layers, params, engine_params, x, *, method, alphabet):
+def assert_engine_equals_reference(layers, params, engine_params, x, *, method, alphabet, unit=U32):
     """The engine's codes are the reference's, up to near-ties (few of them)."""
-    results = reference_codes(layers, params, engine_params, x, method=method, alphabet=alphabet)
+    results = reference_codes(
+        layers, params, engine_params, x, method=method, alphabet=alphabet, unit=unit
+    )
     for letters in results:
         assert not letters.mismatches, (
             f"{letters.name}: {len(letters.mismatches)} letters differ from the reference beyond "
@@ -457,4 +466,28 @@ def test_nnx_codes_equal_the_numpy_reference(mlp, method):
     }
     assert_engine_equals_reference(
         MLP_LAYERS, variables["params"], engine, x, method=method, alphabet=scaled(4)
+    )
+
+
+@pytest.mark.parametrize("method", ["gpfq", "gptq"])
+@pytest.mark.parametrize("model_name", ["mlp", "cnn"])
+def test_float64_codes_equal_the_numpy_reference(request, model_name, method):
+    """With x64 enabled and float64 parameters and inputs, the engine computes in float64: the
+    allowed distance to a boundary shrinks to float64 error (≈ 1e-9 of a step for GPTQ, whose
+    float32 bound is loose), so its letters are checked exactly."""
+    model, variables, x = request.getfixturevalue(model_name)
+    spec = LayerSpec(method=method, num_letters=4, c=0.8, rule="max")
+    with jax.enable_x64(True):
+        variables = jax.tree.map(lambda leaf: jnp.asarray(leaf, jnp.float64), variables)
+        x = np.asarray(x, np.float64)
+        new, _ = qjax.quantize_model(model, variables, _halves(x), spec=spec, progress=False)
+        assert all(leaf.dtype == jnp.float64 for leaf in jax.tree.leaves(new))
+    assert_engine_equals_reference(
+        MODELS[model_name],
+        variables["params"],
+        new["params"],
+        x,
+        method=method,
+        alphabet=scaled(4),
+        unit=U64,
     )
