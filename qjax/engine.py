@@ -292,15 +292,26 @@ def _adapter(model, args, call: ModelCall) -> tuple[Adapter, Calibration]:
     raise ValueError(f"quantize_model takes a Flax Linen or NNX module, got {type(model).__name__}")
 
 
+@jax.jit
+def _finite_leaves(leaves: list[jax.Array]) -> jax.Array:
+    """Whether each array holds only finite numbers, in one compiled program."""
+    return jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves])
+
+
 def _check_weights(state: Any) -> None:
     """Raises naming the first floating variable that holds NaN or Inf."""
-    for keypath, leaf in jax.tree_util.tree_leaves_with_path(state):
-        if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact) and not bool(
-            jnp.all(jnp.isfinite(leaf))
-        ):
+    named = [
+        (path_name(keypath), leaf)
+        for keypath, leaf in jax.tree_util.tree_leaves_with_path(state)
+        if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+    ]
+    if not named:
+        return
+    finite = np.asarray(_finite_leaves([leaf for _, leaf in named]))
+    for (name, _), ok in zip(named, finite, strict=True):
+        if not ok:
             raise ValueError(
-                f"weight {path_name(keypath)} contains NaN or Inf: quantization needs a finite "
-                "model"
+                f"weight {name} contains NaN or Inf: quantization needs a finite model"
             )
 
 
@@ -442,9 +453,9 @@ class _LayerStep:
         """The numbers `program` leaves out: C, or None."""
         return jnp.float32(self.spec.c) if self.spec.scale_is_data else None
 
-    def alphabet(self, kernel: jax.Array):
-        """The layer's alphabet for this kernel (slice)."""
-        return self.spec.make_alphabet(self.kind.to_matrix(kernel))
+    def alphabet(self, kernel: jax.Array, data: jax.Array | None = None):
+        """The layer's alphabet for this kernel (slice), given `data` (see `program`)."""
+        return self.spec.make_alphabet(self.kind.to_matrix(kernel), c=data)
 
     def init_stats(self, matrix: jax.Array, *, mesh: Mesh | None = None) -> GramStats:
         """Empty statistics for the neurons of `matrix` (the kernel in `kind.to_matrix` form)."""
@@ -508,9 +519,10 @@ def _gathered(q: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _alphabet(step: _LayerStep, kernel: jax.Array):
-    """The alphabet of a layer's kernel (slice), as its step makes it inside a pass."""
-    return step.alphabet(kernel)
+def _alphabet(program: _LayerStep, kernel: jax.Array, data: jax.Array | None):
+    """The alphabet of a layer's kernel (slice), as its step makes it inside a pass (compiled
+    once per program and kernel shape)."""
+    return program.alphabet(kernel, data)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -575,7 +587,7 @@ def _in_one_pass(
         if step is None:
             reports.append(_skipped(layer, index, kernel))
             continue
-        alphabet = _alphabet(step, kernel[index])
+        alphabet = _alphabet(step.program, kernel[index], step.data)
         errors = errors_by_path[layer.path][index]
         reports.append(_quantized(layer, index, step, kernel, alphabet, errors, times[done]))
         done += 1
