@@ -2,10 +2,15 @@
 
 An alphabet is a pytree, so it can be passed through `jax.jit` and `jax.vmap`. Two kinds:
 
-* `UniformAlphabet`: zero-centred, equally spaced letters step·(k - (size-1)/2), k = 0..size-1.
-  This covers the symmetric alphabets {-K..K}·δ of the GPFQ papers (K = 1 is ternary), binary
-  {±δ}, and the reference code's radius·linspace(-1, 1, n). Projection is a rounding of
-  x / step, with no search over letters.
+* `UniformAlphabet`: equally spaced letters step·(k - z), k = 0..size-1, on one of three grids:
+  - "centered" (z = (size-1)/2, qjax's default): zero-centred letters. This covers the symmetric
+    alphabets {-K..K}·δ of the GPFQ papers (K = 1 is ternary), binary {±δ}, and the reference
+    code's radius·linspace(-1, 1, n); an even size has no zero letter (mid-rise).
+  - "signed" (z = ⌊size/2⌋): the signed integers {-2^(b-1), ..., 2^(b-1)-1}·s of integer serving
+    formats with a symmetric scale (int4 is {-8..7}·s; GPTQ, compressed-tensors).
+  - "asymmetric" (z an integer per scale group, `zero_point`): (k - z)·s, k = 0..2^b-1, the
+    zero-point formats (GPTQ's and compressed-tensors' asymmetric int4/int8).
+  Projection is a rounding of x / step + z, with no search over letters.
 * `Alphabet`: any sorted set of letters.
 
 Granularity. `step` (or `letters`) is a scalar (one alphabet for the tensor), or carries a last
@@ -21,17 +26,24 @@ with a zero letter are asked for by their number of letters (3: ternary, 2^b - 1
 Ties. Q(x) is the nearest letter; a value exactly halfway between two letters goes to the lower
 one, for every alphabet kind (as `qjax.reference.nearest_letter`).
 
-Scale rules. The scale constant C sets the largest letter, the radius R:
+Scale rules. The scale constant C sets the step through a radius R, δ = 2R/(n - 1):
 
 * rule "median": R = C·median|w| (Lybrand & Saab's reference code, ternary {-1, 0, 1}·C·median|w|);
-* rule "max": R = C·max|w| (Zhang & Saab: δ = C·max|w| / K for letters {-K..K}·δ).
+* rule "max": R = C·max|w| (Zhang & Saab: δ = C·max|w| / K for letters {-K..K}·δ). On the signed
+  grid, C = 1 is the absmax scale of GPTQ tools and compressed-tensors, s = max|w| / ((2^b - 1)/2)
+  (int4: max|w| / 7.5, letters -8s..7s).
+* on the asymmetric grid, "max" is the min-max rule of GPTQ tools: the range [C·min(w, 0),
+  C·max(w, 0)] gives s = C·(max(w, 0) - min(w, 0)) / (2^b - 1) and z = round(-C·min(w, 0) / s)
+  (clipped to the codes); "median" has no asymmetric form.
+
+c=None chooses C per scale group by the rounding error, for every grid.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Literal
+from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +51,9 @@ import numpy as np
 from jax.typing import ArrayLike
 
 __all__ = [
+    "GRIDS",
     "Alphabet",
+    "Grid",
     "UniformAlphabet",
     "binary",
     "by_bits",
@@ -67,76 +81,122 @@ def _check_positive_finite(name: str, value: jax.Array) -> None:
             raise ValueError(f"{name} must be positive, got {v}")
 
 
+Grid = Literal["centered", "signed", "asymmetric"]
+GRIDS: tuple[str, ...] = get_args(Grid)
+
+
 @dataclasses.dataclass(frozen=True)
 class UniformAlphabet:
-    """Zero-centred, equally spaced letters a_k = step·(k - (size-1)/2), k = 0..size-1.
+    """Equally spaced letters a_k = step·(k - z), k = 0..size-1.
 
-    Odd sizes give {-K..K}·δ (with 0), even sizes {±δ/2, ±3δ/2, ...} (no 0). A letter is one
-    product of `step` and a small half-integer, so it is bit-identical wherever it is computed.
+    The zero point z is (size-1)/2 (zero-centred: odd sizes give {-K..K}·δ with 0, even sizes
+    {±δ/2, ±3δ/2, ...} without 0), ⌊size/2⌋ when `signed` (the signed integers {-2^(b-1), ...,
+    2^(b-1)-1}·δ of integer formats), or the integers `zero_point`, one per scale group
+    (asymmetric formats). A letter is one product of `step` and a small integer or half-integer,
+    so it is bit-identical wherever it is computed.
 
     Attributes:
       step: the spacing δ between letters: a scalar, (N1,) per neuron, or (⌈N0/g⌉, N1) per
         group of g inputs per neuron.
       size: the number of letters (static: it is part of the pytree's structure).
       group_size: g for a group-wise alphabet, else None (static).
+      zero_point: None, or z (integers in [0, size-1], as floats) with the shape of `step`: a
+        pytree leaf, so it is mapped, sliced and padded wherever `step` is.
+      signed: z = ⌊size/2⌋ (static); ignored when `zero_point` is given.
     """
 
     step: jax.Array
     size: int
     group_size: int | None = None
+    zero_point: jax.Array | None = None
+    signed: bool = False
 
     @property
-    def _center(self) -> float:
-        return (self.size - 1) / 2
+    def grid(self) -> str:
+        """The grid: "asymmetric" (a zero point per scale group), "signed" or "centered"."""
+        if self.zero_point is not None:
+            return "asymmetric"
+        return "signed" if self.signed else "centered"
+
+    @property
+    def _zero(self) -> float | jax.Array:
+        """z: an array with step's shape, or a number shared by all scale groups."""
+        if self.zero_point is not None:
+            return jnp.asarray(self.zero_point)
+        return float(self.size // 2) if self.signed else (self.size - 1) / 2
 
     @property
     def letters(self) -> jax.Array:
         """The letters, shape step.shape + (size,)."""
         step = jnp.asarray(self.step)
-        offsets = jnp.arange(self.size, dtype=step.dtype) - self._center  # exact half-integers
+        zero = jnp.asarray(self._zero, step.dtype)
+        offsets = jnp.arange(self.size, dtype=step.dtype) - zero[..., None]  # exact
         return offsets * step[..., None]
 
     def for_input(self, t: ArrayLike) -> UniformAlphabet:
         """The alphabet of input t (row t of a weight matrix): itself unless group-wise.
 
-        For a group-wise alphabet the step's group axis (-2, or -1 once the neuron axis has been
-        mapped away) is indexed at ⌊t/g⌋; `t` may be traced.
+        For a group-wise alphabet the step's (and zero point's) group axis (-2, or -1 once the
+        neuron axis has been mapped away) is indexed at ⌊t/g⌋; `t` may be traced.
         """
         if self.group_size is None:
             return self
         step = jnp.asarray(self.step)
         axis = -2 if step.ndim >= 2 else -1
         group = jnp.minimum(t // self.group_size, step.shape[axis] - 1)
-        return UniformAlphabet(jnp.take(step, group, axis=axis), self.size)
+        zero = self.zero_point
+        if zero is not None:
+            zero = jnp.take(jnp.asarray(zero), group, axis=axis)
+        return UniformAlphabet(
+            jnp.take(step, group, axis=axis), self.size, zero_point=zero, signed=self.signed
+        )
 
-    def _step_for(self, x: jax.Array) -> jax.Array:
-        """The step broadcast against x; a group-wise step is repeated over its groups' rows."""
-        step = jnp.asarray(self.step)
+    def _rows(self, value: jax.Array, x: jax.Array) -> jax.Array:
+        """A step-shaped `value` broadcast against x; group-wise, repeated over its group's rows."""
+        value = jnp.asarray(value)
         if self.group_size is None:
-            return step
+            return value
         if x.ndim < 2:
             raise ValueError(
                 f"a group-wise alphabet projects matrices (..., N0, N1), got shape {x.shape}"
             )
-        rows = jnp.repeat(step, self.group_size, axis=-2)
+        rows = jnp.repeat(value, self.group_size, axis=-2)
         if rows.shape[-2] < x.shape[-2]:
             raise ValueError(
-                f"group-wise alphabet with {step.shape[-2]} groups of {self.group_size} inputs "
+                f"group-wise alphabet with {value.shape[-2]} groups of {self.group_size} inputs "
                 f"cannot cover N0 = {x.shape[-2]} inputs"
             )
         return rows[..., : x.shape[-2], :]
 
+    def _step_for(self, x: jax.Array) -> jax.Array:
+        """The step of every entry of x (group-wise: of every row), for a zero-centred alphabet.
+
+        An alphabet with another zero point is not described by its steps alone, so this raises
+        for it: a caller that re-slices an alphabet must carry every leaf (`jax.tree.map`).
+        """
+        if self.grid != "centered":
+            raise ValueError(
+                f"a group-wise {self.grid} alphabet is not described by its steps alone (its zero "
+                "point would be lost): this method re-slices alphabets by their steps and "
+                "supports only the centered grid group-wise"
+            )
+        return self._rows(self.step, x)
+
+    def _zero_for(self, x: jax.Array) -> float | jax.Array:
+        zero = self._zero
+        return zero if self.zero_point is None else self._rows(zero, x)
+
     def codes(self, x: ArrayLike) -> jax.Array:
         """Index k (int32) of the letter nearest to each entry of x; ties go to the lower k."""
         x = jnp.asarray(x)
-        k = jnp.ceil(x / self._step_for(x) + self._center - 0.5)
+        k = jnp.ceil(x / self._rows(self.step, x) + self._zero_for(x) - 0.5)
         return jnp.clip(k, 0, self.size - 1).astype(jnp.int32)
 
     def decode(self, codes: ArrayLike) -> jax.Array:
         """Letters a_k for integer codes k (per-neuron steps broadcast on the last axis)."""
         codes = jnp.asarray(codes)
-        step = self._step_for(codes)
-        return (codes.astype(step.dtype) - self._center) * step
+        step = self._rows(self.step, codes)
+        return (codes.astype(step.dtype) - self._zero_for(codes)) * step
 
     def project(self, x: ArrayLike) -> jax.Array:
         """Nearest letter Q(x) for each entry of x, in x's dtype."""
@@ -183,7 +243,7 @@ class Alphabet:
         return self.decode(self.codes(x)).astype(x.dtype)
 
 
-for _cls, _data in ((UniformAlphabet, ["step"]), (Alphabet, ["letters"])):
+for _cls, _data in ((UniformAlphabet, ["step", "zero_point"]), (Alphabet, ["letters"])):
     jax.tree_util.register_dataclass(
         _cls,
         data_fields=_data,
@@ -276,19 +336,18 @@ def from_letters(letters: ArrayLike) -> Alphabet:
 
 
 Granularity = Literal["tensor", "channel", "group"]
-_STATISTICS = {"median": jnp.median, "max": jnp.max}
+_STATISTICS = {"median": jnp.nanmedian, "max": jnp.nanmax}
 # c=None: the constants tried for each scale group, as multiples of the rule's statistic.
 _MSE_SEARCH = {"max": np.linspace(0.3, 1.0, 36), "median": np.linspace(0.5, 8.0, 31)}
 
 
 def _scale_groups(w: jax.Array, *, per_channel: bool, group_size: int | None) -> jax.Array:
-    """|w| arranged so that a reduction over axis -2 gives one statistic per scale group.
+    """w arranged so that a reduction over axis -2 gives one statistic per scale group.
 
-    Returns |w| as (1, size) per tensor, (rows, N1) per channel (w's leading axes flattened), or
-    (..., G, g, N1) group-wise (w a matrix (..., N0, N1), N0 zero-padded to G·g with NaN, which
-    the reductions ignore).
+    Returns w as (size, 1) per tensor, (rows, N1) per channel (w's leading axes flattened), or
+    (..., G, g, N1) group-wise (w a matrix (..., N0, N1), N0 padded to G·g with NaN, which the
+    reductions ignore).
     """
-    magnitudes = jnp.abs(w)
     if group_size is not None:
         if w.ndim < 2:
             raise ValueError(f"group-wise scales need a matrix (..., N0, N1), got {w.shape}")
@@ -296,25 +355,32 @@ def _scale_groups(w: jax.Array, *, per_channel: bool, group_size: int | None) ->
         groups = -(-n0 // group_size)
         pad = [(0, 0)] * w.ndim
         pad[-2] = (0, groups * group_size - n0)
-        magnitudes = jnp.pad(magnitudes, pad, constant_values=jnp.nan)
-        return magnitudes.reshape(*w.shape[:-2], groups, group_size, w.shape[-1])
+        padded = jnp.pad(w, pad, constant_values=jnp.nan)
+        return padded.reshape(*w.shape[:-2], groups, group_size, w.shape[-1])
     if per_channel:
-        return magnitudes.reshape(-1, w.shape[-1])
-    return magnitudes.reshape(-1, 1)
+        return w.reshape(-1, w.shape[-1])
+    return w.reshape(-1, 1)
 
 
-def _check_scale_options(w: jax.Array, rule: str, per_channel: bool, group_size) -> None:
+def _check_scale_options(w: jax.Array, rule: str, per_channel: bool, group_size, grid) -> None:
     if w.ndim < 1 or w.size == 0:
         raise ValueError(f"w must be a non-empty array, got shape {w.shape}")
     if rule not in _STATISTICS:
         raise ValueError(f"unknown scale rule {rule!r}; expected one of {sorted(_STATISTICS)}")
+    if grid not in GRIDS:
+        raise ValueError(f"unknown grid {grid!r}; expected one of {GRIDS}")
+    if grid == "asymmetric" and rule != "max":
+        raise ValueError(
+            f"the asymmetric grid takes rule='max' (min-max range), not {rule!r}: a zero point "
+            "is set by the range's ends"
+        )
     if group_size is not None and (not isinstance(group_size, int | np.integer) or group_size < 1):
         raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
 
 
-def _reduce(magnitudes: jax.Array, rule: str, per_tensor: bool) -> jax.Array:
-    statistic = {"median": jnp.nanmedian, "max": jnp.nanmax}[rule](magnitudes, axis=-2)
-    return statistic[..., 0] if per_tensor else statistic
+def _reduce(groups: jax.Array, rule: str) -> jax.Array:
+    """The rule's statistic of |w| per scale group (axis -2 reduced)."""
+    return _STATISTICS[rule](jnp.abs(groups), axis=-2)
 
 
 def _positive(radius: jax.Array) -> jax.Array:
@@ -331,7 +397,7 @@ def scale_radius(
     per_channel: bool = False,
     group_size: int | None = None,
 ) -> jax.Array:
-    """The largest letter R = C·median|w| or C·max|w|, per tensor, output channel or group.
+    """The radius R = C·median|w| or C·max|w|, per tensor, output channel or group.
 
     Args:
       w: a kernel whose last axis indexes output neurons (Flax layout: (N0, N1) or
@@ -346,35 +412,47 @@ def scale_radius(
       R: a scalar, (N1,), or (..., ⌈N0/g⌉, N1).
     """
     w = jnp.asarray(w)
-    _check_scale_options(w, rule, per_channel, group_size)
+    _check_scale_options(w, rule, per_channel, group_size, "centered")
     if not c > 0:
         raise ValueError(f"the scale constant c must be positive, got {c}")
-    groups = _scale_groups(w, per_channel=per_channel, group_size=group_size)
+    statistic = _reduce(_scale_groups(w, per_channel=per_channel, group_size=group_size), rule)
     per_tensor = not per_channel and group_size is None
-    return _positive(c * _reduce(groups, rule, per_tensor))
+    return _positive(c * (statistic[..., 0] if per_tensor else statistic))
 
 
-@functools.partial(jax.jit, static_argnames=("num_letters", "rule", "per_tensor"))
-def _mse_radius(groups: jax.Array, *, num_letters: int, rule: str, per_tensor: bool) -> jax.Array:
-    """The radius C·statistic minimising Σ (|w| - Q(|w|))² in each scale group, C on a grid."""
-    statistic = _positive(_reduce(groups, rule, per_tensor=False))
-    signed = jnp.nan_to_num(groups)  # |w| ≥ 0; Q is odd-symmetric, so |w| suffices
+def _grid_parameters(
+    groups: jax.Array, c, *, num_letters: int, rule: str, grid: str
+) -> tuple[jax.Array, jax.Array | None]:
+    """(step, zero point or None) per scale group of `groups` for the constant(s) c."""
+    if grid == "asymmetric":
+        low = c * jnp.minimum(jnp.nanmin(groups, axis=-2), 0)
+        high = c * jnp.maximum(jnp.nanmax(groups, axis=-2), 0)
+        step = _positive((high - low) / (num_letters - 1))
+        return step, jnp.clip(jnp.round(-low / step), 0, num_letters - 1)
+    return 2 * _positive(c * _reduce(groups, rule)) / (num_letters - 1), None
+
+
+@functools.partial(jax.jit, static_argnames=("num_letters", "rule", "grid", "per_tensor"))
+def _mse_parameters(
+    groups: jax.Array, *, num_letters: int, rule: str, grid: str, per_tensor: bool
+) -> tuple[jax.Array, jax.Array | None]:
+    """The (step, zero point) of the C on a grid minimising Σ (w - Q(w))² in each scale group."""
     valid = ~jnp.isnan(groups)
+    values = jnp.nan_to_num(groups)
+    signed = grid == "signed"
 
     def error(c):
-        radius = c * statistic
-        step = 2 * radius / (num_letters - 1)
-        center = (num_letters - 1) / 2
-        k = jnp.clip(jnp.ceil(signed / step[..., None, :] + center - 0.5), 0, num_letters - 1)
-        residual = jnp.where(valid, signed - (k - center) * step[..., None, :], 0.0)
+        step, zero = _grid_parameters(groups, c, num_letters=num_letters, rule=rule, grid=grid)
+        zero = None if zero is None else zero[..., None, :]
+        alphabet = UniformAlphabet(step[..., None, :], num_letters, zero_point=zero, signed=signed)
+        residual = jnp.where(valid, values - alphabet.project(values), 0.0)
         squares = jnp.sum(residual**2, axis=-2)
         return jnp.sum(squares, axis=-1, keepdims=True) if per_tensor else squares
 
-    candidates = jnp.asarray(_MSE_SEARCH[rule], statistic.dtype)
+    candidates = jnp.asarray(_MSE_SEARCH[rule], values.dtype)
     errors = jax.lax.map(error, candidates)  # (num_candidates, ...)
     best = candidates[jnp.argmin(errors, axis=0)]
-    radius = best * statistic
-    return radius[..., 0] if per_tensor else radius
+    return _grid_parameters(groups, best, num_letters=num_letters, rule=rule, grid=grid)
 
 
 def for_weights(
@@ -386,11 +464,14 @@ def for_weights(
     rule: Literal["median", "max"] = "median",
     per_channel: bool = False,
     group_size: int | None = None,
+    grid: Grid = "centered",
 ) -> UniformAlphabet:
-    """A uniform symmetric alphabet scaled to the weights `w`.
+    """A uniform alphabet scaled to the weights `w`.
 
-    The letters are R·linspace(-1, 1, n) with R = `scale_radius(w, c, ...)`. Give exactly one of
-    `bits` (n = 2^b) or `num_letters` (e.g. 3 for ternary, 2^b - 1 for {-K..K}·δ).
+    Centered and signed grids: step δ = 2R/(n - 1) with R = `scale_radius(w, c, ...)` (centered:
+    the letters R·linspace(-1, 1, n)). Asymmetric grid: the min-max range [C·min(w, 0),
+    C·max(w, 0)] in n letters with an integer zero point (see the module docstring). Give exactly
+    one of `bits` (n = 2^b) or `num_letters` (e.g. 3 for ternary, 2^b - 1 for {-K..K}·δ).
 
     Args:
       w: the kernel, output neurons on the last axis (a matrix (..., N0, N1) when group-wise).
@@ -399,28 +480,34 @@ def for_weights(
         squared error, a data-free choice that gives good alphabets at every size.
       bits: bit width b.
       num_letters: number of letters n >= 2.
-      rule: "median" or "max", see `scale_radius`.
+      rule: "median" or "max", see `scale_radius` ("max" only on the asymmetric grid).
       per_channel: one alphabet per output neuron.
       group_size: one alphabet per g consecutive inputs per output neuron (group-wise).
+      grid: "centered" (z = (n-1)/2), "signed" (z = ⌊n/2⌋: {-2^(b-1)..2^(b-1)-1}·s) or
+        "asymmetric" (an integer zero point per scale group).
 
     Returns:
-      A `UniformAlphabet` with scalar, (N1,) or (..., ⌈N0/g⌉, N1) steps.
+      A `UniformAlphabet` with scalar, (N1,) or (..., ⌈N0/g⌉, N1) steps (and zero points).
     """
     if (bits is None) == (num_letters is None):
         raise ValueError("give exactly one of bits or num_letters")
     n = num_letters_for_bits(bits) if bits is not None else num_letters
+    if not isinstance(n, int | np.integer) or n < 2:
+        raise ValueError(f"num_letters must be an integer >= 2, got {n!r}")
+    w = jnp.asarray(w)
+    _check_scale_options(w, rule, per_channel, group_size, grid)
+    if c is not None and not c > 0:
+        raise ValueError(f"the scale constant c must be positive, got {c}")
+    groups = _scale_groups(w, per_channel=per_channel, group_size=group_size)
+    per_tensor = not per_channel and group_size is None
+    options = dict(num_letters=int(n), rule=rule, grid=grid)
     if c is not None:
-        radius = scale_radius(w, c, rule=rule, per_channel=per_channel, group_size=group_size)
-        alphabet = uniform(n, radius)
+        step, zero = _grid_parameters(groups, c, **options)
+        _check_positive_finite("step", step)
     else:
-        w = jnp.asarray(w)
-        _check_scale_options(w, rule, per_channel, group_size)
-        if not isinstance(n, int | np.integer) or n < 2:
-            raise ValueError(f"num_letters must be an integer >= 2, got {n!r}")
-        groups = _scale_groups(w, per_channel=per_channel, group_size=group_size)
-        per_tensor = not per_channel and group_size is None
-        radius = _mse_radius(groups, num_letters=int(n), rule=rule, per_tensor=per_tensor)
-        alphabet = UniformAlphabet(step=2 * radius / (n - 1), size=int(n))
-    if group_size is None:
-        return alphabet
-    return UniformAlphabet(step=alphabet.step, size=alphabet.size, group_size=group_size)
+        step, zero = _mse_parameters(groups, per_tensor=per_tensor, **options)
+    if per_tensor:
+        step, zero = step[0], None if zero is None else zero[0]
+    return UniformAlphabet(
+        step=step, size=int(n), group_size=group_size, zero_point=zero, signed=grid == "signed"
+    )

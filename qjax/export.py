@@ -1,12 +1,15 @@
 """Deployable output: quantized weights as packed integer codes plus scales.
 
-After quantization every weight is a letter of a zero-centred uniform alphabet,
+After quantization every weight is a letter of a uniform alphabet,
 
-    a_k = δ·(k − (n−1)/2),    k = 0..n−1,
+    a_k = δ·(k − z),    k = 0..n−1,
 
-(`qjax.alphabets.UniformAlphabet`; `bits` = b means n = 2^b letters, b = 1 binary {±δ/2}), but
-it is still stored as a float. `quantize_array` replaces such a weight tensor by a
-`QuantizedArray`: the codes k, packed into bytes, and the steps δ (the "scales"). The container
+(`qjax.alphabets.UniformAlphabet`; `bits` = b means n = 2^b letters, b = 1 binary {±δ/2}) with
+the zero point z = (n−1)/2 (zero-centred, qjax's default), z = ⌊n/2⌋ (the signed integers
+{−2^(b−1)..2^(b−1)−1}·δ of integer formats) or an integer z per scale group (asymmetric formats),
+but it is still stored as a float. `quantize_array` replaces such a weight tensor by a
+`QuantizedArray`: the codes k, packed into bytes, the steps δ (the "scales") and, for asymmetric
+alphabets, the zero points z (same shape as the scales). The container
 is the smallest that holds b = ⌈log₂ n⌉ bits: 1 bit → 8 codes per byte, 2 bits (3 letters,
 ternary, or 4) → 4 per byte, 3–4 bits → 2 per byte, 5–8 bits → one byte per code.
 
@@ -32,7 +35,7 @@ A given alphabet's step says the layout: () per tensor, (*stack, N1) per output 
 group-wise (*stack, ⌈N0/g⌉, N1). Without an alphabet (e.g. after `qjax.quantize_model`, which
 does not return its alphabets: pass its `group_size`) the grid is read off the weights: per
 scale group, the largest unit h that makes every weight the rounding of an integer multiple m·h
-gives the grid {−K..K}·h (n = 2K+1 letters, 0 included) or, when every multiple is odd,
+gives the zero-centred grid {−K..K}·h (n = 2K+1 letters, 0 included) or, when every multiple is odd,
 {±1, ±3, ...}·h (n even, no 0 letter, δ = 2h); h is chosen so that the letters are the weights
 bit for bit. With `channel_axis="auto"` every layout "one step per index of some leading
 (stack) axes and some trailing (output) axes, shared over the axes between them" is tried (per
@@ -187,7 +190,7 @@ def _decoding_view(
 
 @dataclasses.dataclass(frozen=True)
 class QuantizedArray:
-    """A tensor of letters δ·(k − (n−1)/2) stored as packed codes k and the steps δ.
+    """A tensor of letters δ·(k − z) stored as packed codes k, the steps δ and the zero points.
 
     A pytree: `packed` and `scale` are its leaves, the rest is static (part of the tree
     structure), so it passes through `jax.jit`, `jax.device_put` and orbax unchanged.
@@ -201,6 +204,9 @@ class QuantizedArray:
       num_letters: the alphabet size n (1 to 256).
       dtype: the float dtype of the dequantized tensor, by name.
       group_size: g for group-wise scales, else None.
+      zero_point: None, or the integer zero points z (as floats) of an asymmetric alphabet, one
+        per step (the shape of `scale`).
+      signed: z = ⌊n/2⌋ (the signed integer grid) instead of (n−1)/2, when `zero_point` is None.
     """
 
     packed: jax.Array
@@ -209,6 +215,19 @@ class QuantizedArray:
     num_letters: int
     dtype: str
     group_size: int | None = None
+    zero_point: jax.Array | None = None
+    signed: bool = False
+
+    @property
+    def alphabet(self) -> UniformAlphabet:
+        """The alphabet of the codes, with the scale's layout."""
+        return UniformAlphabet(
+            self.scale,
+            self.num_letters,
+            self.group_size,
+            zero_point=self.zero_point,
+            signed=self.signed,
+        )
 
     @property
     def bits(self) -> int:
@@ -222,21 +241,22 @@ class QuantizedArray:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: the packed codes plus the scales."""
-        return int(self.packed.nbytes + self.scale.nbytes)
+        """Bytes held: the packed codes plus the scales (and zero points)."""
+        zero = 0 if self.zero_point is None else self.zero_point.nbytes
+        return int(self.packed.nbytes + self.scale.nbytes + zero)
 
     def dequantize(self) -> jax.Array:
-        """The letters δ·(k − (n−1)/2), shape `shape`, dtype `dtype`: `UniformAlphabet.decode`
-        of the codes, so quantized weights come back bit for bit."""
-        alphabet = UniformAlphabet(self.scale, self.num_letters, self.group_size)
+        """The letters δ·(k − z), shape `shape`, dtype `dtype`: `UniformAlphabet.decode` of the
+        codes, so quantized weights come back bit for bit."""
+        alphabet = self.alphabet
         view = _decoding_view(self.shape, tuple(self.scale.shape), self.group_size)
         return alphabet.decode(self.codes.reshape(view)).reshape(self.shape).astype(self.dtype)
 
 
 jax.tree_util.register_dataclass(
     QuantizedArray,
-    data_fields=["packed", "scale"],
-    meta_fields=["shape", "num_letters", "dtype", "group_size"],
+    data_fields=["packed", "scale", "zero_point"],
+    meta_fields=["shape", "num_letters", "dtype", "group_size", "signed"],
 )
 
 
@@ -365,16 +385,22 @@ def _candidate_layouts(shape: tuple[int, ...], group_size: int | None) -> list[_
 
 @dataclasses.dataclass(frozen=True)
 class _Grid:
-    """Codes (int, the weights' shape), the scale (`layout.scale_shape`), the alphabet size."""
+    """Codes (int, the weights' shape), the scale (`layout.scale_shape`), the alphabet size, and
+    the zero points (None: zero-centred, or ⌊n/2⌋ if `signed`)."""
 
     codes: np.ndarray
     scale: np.ndarray
     num_letters: int
     layout: _Layout
+    zero_point: np.ndarray | None = None
+    signed: bool = False
 
     @property
     def nbytes(self) -> int:
-        return -(-self.codes.size * container_bits(self.num_letters) // 8) + self.scale.nbytes
+        zero = 0 if self.zero_point is None else self.zero_point.nbytes
+        return (
+            -(-self.codes.size * container_bits(self.num_letters) // 8) + self.scale.nbytes + zero
+        )
 
 
 def _rounding_intervals(values: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -465,11 +491,13 @@ def _units(
 
 
 def _infer_grid(w: np.ndarray, layout: _Layout) -> _Grid | None:
-    """The zero-centred uniform grid with the fewest letters holding every weight, or None.
+    """The uniform grid with the fewest letters holding every weight, or None.
 
     Per group of `layout`, the unit h of `_units`. If every multiple m of every group is odd the
-    grid is {±1, ±3, ...}·h (δ = 2h, even n); otherwise {−K..K}·h (δ = h, n = 2K+1). The steps
-    are then chosen so that the letters are the weights bit for bit.
+    grid is {±1, ±3, ...}·h (δ = 2h, even n); otherwise {−K..K}·h (δ = h, n = 2K+1), or the
+    signed grid {−K'..K'−1}·h (n = 2K', zero point K') when its codes take fewer bits (int4
+    weights {−8..7}·h: 16 letters, 4 bits, not 17 in a byte). The steps are then chosen so that
+    the letters are the weights bit for bit.
     """
     groups = layout.groups(w)
     valid = ~np.isnan(groups)
@@ -483,22 +511,31 @@ def _infer_grid(w: np.ndarray, layout: _Layout) -> _Grid | None:
         return None
     multiples = np.round(values / unit[:, None]).astype(np.int64)
     low, high = _unit_bounds(rounding, valid, multiples)
+    signed = False
     if np.all((multiples % 2 == 1) | ~valid):  # every letter present is odd: no zero letter
         num_letters = int(np.abs(multiples).max()) + 1
         codes, low, high = (multiples + num_letters - 1) // 2, 2 * low, 2 * high
     else:
         half = int(np.abs(multiples).max())
         num_letters, codes = 2 * half + 1, multiples + half
+        signed_half = max(-int(multiples.min()), int(multiples.max()) + 1)
+        signed = container_bits(min(2 * signed_half, MAX_LETTERS)) < container_bits(
+            min(num_letters, MAX_LETTERS)
+        )
+        if signed:
+            num_letters, codes = 2 * signed_half, multiples + signed_half
     if num_letters > MAX_LETTERS:
         return None
     scale_dtype = _scale_dtype(w.dtype)
-    offsets = codes.astype(scale_dtype) - scale_dtype.type((num_letters - 1) / 2)
+    zero = num_letters // 2 if signed else (num_letters - 1) / 2
+    offsets = codes.astype(scale_dtype) - scale_dtype.type(zero)
     step = _exact_steps(np.where(valid, groups, 0).astype(w.dtype), valid, offsets, low, high)
     return _Grid(
         codes=layout.ungroup(codes),
         scale=step.reshape(layout.scale_shape),
         num_letters=num_letters,
         layout=layout,
+        signed=signed,
     )
 
 
@@ -599,7 +636,16 @@ def _alphabet_grid(w: np.ndarray, alphabet: AnyAlphabet, name: str) -> _Grid:
     layout = _alphabet_layout(w.shape, alphabet, name)
     step = np.asarray(alphabet.step)
     scale = step.astype(_scale_dtype(step.dtype)).reshape(layout.scale_shape)
-    stored = UniformAlphabet(jnp.asarray(scale), alphabet.size, alphabet.group_size)
+    zero = alphabet.zero_point
+    if zero is not None:
+        zero = np.asarray(zero).astype(scale.dtype).reshape(layout.scale_shape)
+    stored = UniformAlphabet(
+        jnp.asarray(scale),
+        alphabet.size,
+        alphabet.group_size,
+        zero_point=None if zero is None else jnp.asarray(zero),
+        signed=alphabet.signed,
+    )
     codes = np.asarray(stored.codes(w.reshape(layout.view))).reshape(w.shape)
     letters = np.asarray(stored.decode(codes.reshape(layout.view)), np.float64).reshape(w.shape)
     steps = layout.broadcast(scale).astype(np.float64)
@@ -612,7 +658,14 @@ def _alphabet_grid(w: np.ndarray, alphabet: AnyAlphabet, name: str) -> _Grid:
             f"e.g. w{list(map(int, first))} = {w[first]} is {distance[first] / steps[first]:.3g} "
             f"steps from its nearest letter {letters[first]}; {_off_grid_advice(name)}"
         )
-    return _Grid(codes=codes, scale=scale, num_letters=alphabet.size, layout=layout)
+    return _Grid(
+        codes=codes,
+        scale=scale,
+        num_letters=alphabet.size,
+        layout=layout,
+        zero_point=zero,
+        signed=alphabet.signed,
+    )
 
 
 def quantize_array(
@@ -623,15 +676,16 @@ def quantize_array(
     group_size: int | None = None,
     name: str = "array",
 ) -> QuantizedArray:
-    """Packs a tensor whose entries are letters of a zero-centred uniform alphabet.
+    """Packs a tensor whose entries are letters of a uniform alphabet.
 
     Args:
       w: the quantized weights (float), e.g. a Flax kernel (*stack, *inputs, *outputs).
-      alphabet: the alphabet the weights were quantized to (`UniformAlphabet`, or an `Alphabet`
-        whose letters are uniform and zero-centred); its step says the scale layout: () per
+      alphabet: the alphabet the weights were quantized to (`UniformAlphabet` on any grid, with
+        its zero points, or an `Alphabet` whose letters are uniform and zero-centred); its step
+        says the scale layout: () per
         tensor, (*stack, N1) per output channel, or, with `group_size` g, (*stack, ⌈N0/g⌉, N1)
-        for the matrix view (*stack, N0, N1) (see the module docstring). None: infer the grid
-        from the letters present.
+        for the matrix view (*stack, N0, N1) (see the module docstring). None: infer a
+        zero-centred grid from the letters present.
       channel_axis: without an alphabet, the axes with one step per index: None (one step for
         the tensor), an axis or a tuple of axes (e.g. -1: per output channel; 0: per row of an
         embedding; (0, -1): per slice and output channel of a stacked Dense kernel), or "auto":
@@ -674,6 +728,8 @@ def quantize_array(
         num_letters=grid.num_letters,
         dtype=w.dtype.name,
         group_size=grid.layout.group_size,
+        zero_point=None if grid.zero_point is None else jnp.asarray(grid.zero_point),
+        signed=grid.signed,
     )
 
 
@@ -845,7 +901,7 @@ def tree_nbytes(tree: Any) -> int:
 # Checkpoints.
 # --------------------------------------------------------------------------------------------
 
-_LAYOUT_KEYS = ("shape", "num_letters", "dtype", "group_size")
+_LAYOUT_KEYS = ("shape", "num_letters", "dtype", "group_size", "signed")
 
 
 def _to_nested_arrays(tree: Any) -> tuple[Any, dict[str, dict[str, Any]]]:
@@ -855,7 +911,10 @@ def _to_nested_arrays(tree: Any) -> tuple[Any, dict[str, dict[str, Any]]]:
     def split(path, leaf):
         if is_quantized(leaf):
             layout[path_name(path)] = {key: getattr(leaf, key) for key in _LAYOUT_KEYS}
-            return {"packed": leaf.packed, "scale": leaf.scale}
+            arrays = {"packed": leaf.packed, "scale": leaf.scale}
+            if leaf.zero_point is not None:
+                arrays["zero_point"] = leaf.zero_point
+            return arrays
         return leaf
 
     arrays = jax.tree_util.tree_map_with_path(split, tree, is_leaf=is_quantized)
@@ -874,9 +933,18 @@ def _from_nested_arrays(arrays: Any, layout: dict[str, dict[str, Any]]) -> Any:
             num_letters=int(fields["num_letters"]),
             dtype=str(fields["dtype"]),
             group_size=fields.get("group_size"),  # absent from checkpoints without groups
+            zero_point=node.get("zero_point"),
+            signed=bool(fields.get("signed", False)),  # absent from older checkpoints
         )
 
-    is_packed_node = lambda node: isinstance(node, Mapping) and set(node) == {"packed", "scale"}
+    is_packed_node = lambda node: (
+        isinstance(node, Mapping)
+        and set(node)
+        in (
+            {"packed", "scale"},
+            {"packed", "scale", "zero_point"},
+        )
+    )
     return jax.tree_util.tree_map_with_path(rebuild, arrays, is_leaf=is_packed_node)
 
 

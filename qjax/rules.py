@@ -91,6 +91,9 @@ class LayerSpec:
       conv_neurons: for convolutions, "patch" (a neuron is an output channel over the whole
         kh·kw·cin patch, Zhang & Saab) or "channel" (a neuron is one (input channel, output
         channel) kh×kw filter over that channel's patch, the GPFQ paper's code).
+      grid: where the letters sit (`qjax.alphabets.for_weights`): "centered" (δ·(k - (n-1)/2)),
+        "signed" (the signed integers {-2^(b-1)..2^(b-1)-1}·s of integer serving formats) or
+        "asymmetric" ((k - z)·s with an integer zero point z per scale group, rule "max").
     """
 
     method: methods.QuantizationMethod | str = "gpfq"
@@ -102,6 +105,7 @@ class LayerSpec:
     per_channel: bool = True
     group_size: int | None = None
     conv_neurons: Literal["patch", "channel"] = "patch"
+    grid: alphabets.Grid = "centered"
 
     def __post_init__(self):
         if self.conv_neurons not in ("patch", "channel"):
@@ -151,6 +155,7 @@ class LayerSpec:
                 rule=self.rule,
                 per_channel=self.per_channel,
                 group_size=self.group_size,
+                grid=self.grid,
                 **letters,
             )
 

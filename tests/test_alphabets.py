@@ -137,3 +137,132 @@ def test_zero_channel_gets_a_positive_radius():
 def test_bad_input_raises(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+# --- Integer grids: signed {-2^(b-1)..2^(b-1)-1}·s and asymmetric (k - z)·s. -------------------
+
+
+def test_signed_grid_is_the_int_b_range():
+    w = jnp.array([[1.5, -0.3], [-3.0, 0.7], [0.25, -1.4]])
+    alphabet = alphabets.for_weights(w, c=1.0, bits=4, rule="max", grid="signed")
+    assert alphabet.grid == "signed" and alphabet.size == 16
+    step = 3.0 / 7.5  # absmax / ((2^b - 1)/2): GPTQ's and compressed-tensors' symmetric scale
+    np.testing.assert_allclose(alphabet.letters, np.arange(-8, 8) * step, rtol=1e-6)
+    np.testing.assert_array_equal(alphabet.codes(w) - 8, np.clip(np.round(w / step), -8, 7))
+
+
+def test_asymmetric_grid_is_min_max_with_a_zero_point():
+    w = jnp.array([[0.3, -2.0], [1.1, -1.0], [2.4, -0.5], [0.6, 0.1]])
+    alphabet = alphabets.for_weights(
+        w, c=1.0, bits=3, rule="max", per_channel=True, grid="asymmetric"
+    )
+    # Column 0 is ≥ 0: the range [0, 2.4]; column 1: [-2, 0.1]. s = (max - min) / 7.
+    scale = np.array([2.4 / 7, 2.1 / 7])
+    zero = np.round(-np.array([0.0, -2.0]) / scale)
+    np.testing.assert_allclose(alphabet.step, scale, rtol=1e-6)
+    np.testing.assert_array_equal(alphabet.zero_point, zero)
+    np.testing.assert_allclose(
+        alphabet.letters, (np.arange(8) - zero[:, None]) * scale[:, None], rtol=1e-6
+    )
+    codes = np.clip(np.round(np.asarray(w) / scale + zero), 0, 7)  # no .5 ties in w
+    np.testing.assert_array_equal(alphabet.codes(w), codes)
+    np.testing.assert_allclose(alphabet.project(w), (codes - zero) * scale, rtol=1e-6)
+    with pytest.raises(ValueError, match="asymmetric grid takes rule='max'"):
+        alphabets.for_weights(w, c=1.0, bits=3, rule="median", grid="asymmetric")
+
+
+@pytest.mark.parametrize("grid", ["signed", "asymmetric"])
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "group"])
+def test_integer_grid_codes_decode_and_mse_search(grid, granularity):
+    w = jax.random.normal(jax.random.key(1), (20, 6)) + 0.4  # off-centre: zero points differ
+    options = {"tensor": {}, "channel": {"per_channel": True}, "group": {"group_size": 8}}
+    fixed = alphabets.for_weights(w, c=1.0, bits=3, rule="max", grid=grid, **options[granularity])
+    searched = alphabets.for_weights(
+        w, c=None, bits=3, rule="max", grid=grid, **options[granularity]
+    )
+    for alphabet in (fixed, searched):
+        assert alphabet.grid == grid
+        codes = alphabet.codes(w)
+        assert codes.min() >= 0 and codes.max() <= 7
+        np.testing.assert_array_equal(alphabet.decode(codes), alphabet.project(w))
+        assert np.all(np.isin(np.asarray(alphabet.project(w[:1])), np.asarray(alphabet.letters)))
+    error = lambda a: float(jnp.sum((w - a.project(w)) ** 2))
+    assert error(searched) <= error(fixed) * (1 + 1e-6)  # C = 1 is among the candidates
+
+
+def _gptq_reference(w, gram, letters, damping):
+    """GPTQ (Frantar et al., eqs. 2-3) with each entry's own letters (N0, N1, n)."""
+    w = np.array(w, np.float64)
+    h = np.array(gram, np.float64)
+    h = h + damping * np.mean(np.diag(h)) * np.eye(len(h))
+    h_inv = np.linalg.inv(h)
+    q = np.zeros_like(w)
+    for t in range(w.shape[0]):
+        q[t] = [nearest_letter(v, row) for v, row in zip(w[t], letters[t], strict=True)]
+        error = (w[t] - q[t]) / h_inv[t, t]
+        w[t + 1 :] -= np.outer(h_inv[t + 1 :, t], error)
+        h_inv = h_inv - np.outer(h_inv[:, t], h_inv[t, :]) / h_inv[t, t]
+    return q
+
+
+def _entry_letters(alphabet, n0, n1):
+    """The letters of each weight, (N0, N1, n)."""
+    letters = np.asarray(alphabet.letters, np.float64)
+    if alphabet.group_size is not None:
+        letters = np.repeat(letters, alphabet.group_size, axis=0)[:n0]
+    return np.broadcast_to(letters, (n0, n1, alphabet.size))
+
+
+# GPFQ and Qronos slice a group-wise alphabet per neuron by its step alone
+# (`qjax.methods.gpfq._per_neuron`), which drops a per-group zero point: group-wise asymmetric
+# alphabets reach them only once that slicing maps every leaf of the alphabet.
+INTEGER_CASES = [
+    (method, granularity, grid)
+    for method in ("gpfq", "gptq", "qronos", "msq")
+    for granularity in ("channel", "group")
+    for grid in ("signed", "asymmetric")
+    if not (method in ("gpfq", "qronos") and granularity == "group" and grid == "asymmetric")
+]
+
+
+@pytest.mark.parametrize(("method", "granularity", "grid"), INTEGER_CASES)
+def test_every_method_on_integer_grids_equals_numpy_reference(method, granularity, grid):
+    import qjax
+    from qjax.reference import gpfq_reference, qronos_reference
+
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(7)
+        n0, n1, m = 18, 5, 60  # 18 inputs in groups of 8: the last group is short
+        mixing = rng.normal(size=(n0, n0)) / np.sqrt(n0) + np.eye(n0)
+        x = rng.normal(size=(m, n0)) @ mixing
+        x_tilde = x + 0.1 * rng.normal(size=(m, n0))
+        w = rng.normal(scale=0.3, size=(n0, n1)) + np.linspace(-0.2, 0.3, n1)
+        options = {"per_channel": True} if granularity == "channel" else {"group_size": 8}
+        alphabet = alphabets.for_weights(w, c=0.9, bits=3, rule="max", grid=grid, **options)
+        letters = _entry_letters(alphabet, n0, n1)
+        stats = qjax.gram_stats(x, x_tilde)
+        if method == "gpfq":
+            expected = gpfq_reference(w, x, x_tilde, letters)
+            q = qjax.GPFQ(block_size=4).quantize(w, stats, alphabet)
+        elif method == "gptq":
+            expected = _gptq_reference(w, qjax.gram_stats(x, x).gram, letters, 0.01)
+            q = qjax.GPTQ(damping=0.01, block_size=4).quantize(w, qjax.gram_stats(x, x), alphabet)
+        elif method == "qronos":
+            expected = qronos_reference(w, x, x_tilde, letters, damping=1e-4)
+            q = qjax.Qronos(damping=1e-4, block_size=4).quantize(w, stats, alphabet)
+        else:
+            expected = np.vectorize(nearest_letter, signature="(),(n)->()")(w, letters)
+            q = qjax.MSQ().quantize(w, stats, alphabet)
+        np.testing.assert_allclose(np.asarray(q), expected, rtol=0, atol=1e-12)
+
+
+def test_group_wise_signed_alphabet_refuses_to_lose_its_zero_point():
+    # Qronos with act_order re-slices a group-wise alphabet by its steps: a clear error, not the
+    # centered letters.
+    import qjax
+
+    w = jax.random.normal(jax.random.key(0), (12, 3))
+    x = jax.random.normal(jax.random.key(1), (40, 12))
+    alphabet = alphabets.for_weights(w, c=1.0, bits=3, rule="max", group_size=4, grid="signed")
+    with pytest.raises(ValueError, match="group-wise signed alphabet is not described by its"):
+        qjax.Qronos(act_order=True).quantize(w, qjax.gram_stats(x, x), alphabet)

@@ -132,6 +132,57 @@ def test_round_trips_bit_for_bit(granularity, dtype, letters):
     _assert_bitwise_equal(jax.jit(export.QuantizedArray.dequantize)(inferred), q)
 
 
+@pytest.mark.parametrize("grid", ["signed", "asymmetric"])
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "group"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_integer_grids_round_trip_bit_for_bit(grid, granularity, dtype, tmp_path):
+    # Signed int4 {-8..7}·s and asymmetric (k - z)·s: 4-bit codes, the scales and (asymmetric)
+    # one zero point per scale; dequantize and save/restore give the weights back bit for bit.
+    w = (jax.random.normal(jax.random.key(3), (20, 6)) + 0.5).astype(dtype)
+    alphabet = alphabets.for_weights(
+        w, c=1.0, bits=4, rule="max", grid=grid, **GRANULARITIES[granularity]
+    )
+    q = alphabet.project(w)
+    packed = export.quantize_array(q, alphabet)
+    assert packed.bits == 4 and packed.num_letters == 16
+    assert packed.signed == (grid == "signed")
+    if grid == "asymmetric":
+        assert packed.zero_point.shape == packed.scale.shape
+        np.testing.assert_array_equal(
+            packed.zero_point.reshape(np.shape(alphabet.zero_point)), alphabet.zero_point
+        )
+    else:
+        assert packed.zero_point is None
+    np.testing.assert_array_equal(packed.codes, alphabet.codes(q))
+    _assert_bitwise_equal(packed.dequantize(), q)
+    _assert_bitwise_equal(jax.jit(export.QuantizedArray.dequantize)(packed), q)
+    export.save(str(tmp_path / "checkpoint"), {"kernel": packed})
+    restored = export.restore(str(tmp_path / "checkpoint"))["kernel"]
+    assert (restored.signed, restored.group_size) == (packed.signed, packed.group_size)
+    _assert_bitwise_equal(restored.dequantize(), q)
+    if grid == "signed":  # read off the weights: 4 bits (signed if {-8..7} needs it), exact
+        group_size = 8 if granularity == "group" else None
+        inferred = export.quantize_array(q, group_size=group_size)
+        assert inferred.bits == 4 and inferred.num_letters <= (16 if inferred.signed else 15)
+        _assert_bitwise_equal(inferred.dequantize(), q)
+    # The centred alphabet of the same step does not hold these letters.
+    centred = alphabets.UniformAlphabet(alphabet.step, 16, alphabet.group_size)
+    with pytest.raises(ValueError, match="off the alphabet"):
+        export.quantize_array(q, centred)
+
+
+def test_inferred_signed_int4_grid_takes_four_bits():
+    # {-8..7}·s: the zero-centred grid would need 17 letters (a byte per code).
+    q = (np.arange(-8, 8, dtype=np.float32) * np.float32(0.37)).reshape(4, 4)
+    packed = export.quantize_array(q, channel_axis=None)
+    assert packed.signed and packed.num_letters == 16 and packed.bits == 4
+    _assert_bitwise_equal(packed.dequantize(), q)
+    # Without -8, the zero-centred {-7..7} grid (15 letters) is as small and stays.
+    centred = export.quantize_array(q[1:], channel_axis=None)
+    assert not centred.signed and centred.num_letters == 15
+    _assert_bitwise_equal(centred.dequantize(), q[1:])
+
+
 def _stacked(w, *, bits, group_size=None, in_axes=1):
     """A stacked kernel (L, *inputs, *outputs) of a scanned layer quantized as the engine does:
     slice by slice, on the matrix view (inputs × outputs), per output channel or group-wise."""
