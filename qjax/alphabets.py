@@ -17,7 +17,8 @@ Granularity. `step` (or `letters`) is a scalar (one alphabet for the tensor), or
 axis of length N1 (one alphabet per output neuron, "per channel"), broadcasting against a kernel of
 shape (..., N1). A `UniformAlphabet` with `group_size` g is group-wise, the LLM standard: its step
 has shape (..., ⌈N0/g⌉, N1), one step per block of g consecutive inputs per neuron, and it
-projects matrices (..., N0, N1) whose input t uses step row ⌊t/g⌋ (`for_input`).
+projects matrices (..., N0, N1) whose input t uses step row ⌊t/g⌋ (`for_input`; `per_input`
+repeats every leaf, zero points included, to one row per input).
 
 Bits. Throughout qjax, `bits` = b means an alphabet of 2^b letters, so that its codes fill b bits:
 binary at b = 1, R·linspace(-1, 1, 2^b) beyond (the GPFQ reference code's alphabets). Alphabets
@@ -168,19 +169,18 @@ class UniformAlphabet:
             )
         return rows[..., : x.shape[-2], :]
 
-    def _step_for(self, x: jax.Array) -> jax.Array:
-        """The step of every entry of x (group-wise: of every row), for a zero-centred alphabet.
+    def per_input(self, x: ArrayLike) -> UniformAlphabet:
+        """The alphabet of the matrix x (..., N0, N1) with one scale row per input.
 
-        An alphabet with another zero point is not described by its steps alone, so this raises
-        for it: a caller that re-slices an alphabet must carry every leaf (`jax.tree.map`).
+        Group-wise, every leaf (the step and the zero point) is repeated over its group's rows to
+        shape (..., N0, N1) and the group size becomes 1, so that the rows can be reordered or
+        sliced like the inputs (`jax.tree.map`) without losing a leaf. Otherwise itself.
         """
-        if self.grid != "centered":
-            raise ValueError(
-                f"a group-wise {self.grid} alphabet is not described by its steps alone (its zero "
-                "point would be lost): this method re-slices alphabets by their steps and "
-                "supports only the centered grid group-wise"
-            )
-        return self._rows(self.step, x)
+        if self.group_size is None:
+            return self
+        x = jnp.asarray(x)
+        rows = jax.tree.map(lambda leaf: self._rows(leaf, x), self)
+        return dataclasses.replace(rows, group_size=1)
 
     def _zero_for(self, x: jax.Array) -> float | jax.Array:
         zero = self._zero

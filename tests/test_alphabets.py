@@ -190,10 +190,13 @@ def test_integer_grid_codes_decode_and_mse_search(grid, granularity):
     assert error(searched) <= error(fixed) * (1 + 1e-6)  # C = 1 is among the candidates
 
 
-def _gptq_reference(w, gram, letters, damping):
-    """GPTQ (Frantar et al., eqs. 2-3) with each entry's own letters (N0, N1, n)."""
-    w = np.array(w, np.float64)
-    h = np.array(gram, np.float64)
+def _gptq_reference(w, gram, letters, damping, act_order=False):
+    """GPTQ (Frantar et al., eqs. 2-3) with each entry's own letters (N0, N1, n); with
+    `act_order`, the inputs visited by decreasing H_tt (ties in layer order)."""
+    order = np.argsort(-np.diag(gram), kind="stable") if act_order else np.arange(len(gram))
+    w = np.array(w, np.float64)[order]
+    h = np.array(gram, np.float64)[np.ix_(order, order)]
+    letters = letters[order]
     h = h + damping * np.mean(np.diag(h)) * np.eye(len(h))
     h_inv = np.linalg.inv(h)
     q = np.zeros_like(w)
@@ -202,7 +205,7 @@ def _gptq_reference(w, gram, letters, damping):
         error = (w[t] - q[t]) / h_inv[t, t]
         w[t + 1 :] -= np.outer(h_inv[t + 1 :, t], error)
         h_inv = h_inv - np.outer(h_inv[:, t], h_inv[t, :]) / h_inv[t, t]
-    return q
+    return q[np.argsort(order)]  # row k of q is input order[k]
 
 
 def _entry_letters(alphabet, n0, n1):
@@ -213,56 +216,54 @@ def _entry_letters(alphabet, n0, n1):
     return np.broadcast_to(letters, (n0, n1, alphabet.size))
 
 
-# GPFQ and Qronos slice a group-wise alphabet per neuron by its step alone
-# (`qjax.methods.gpfq._per_neuron`), which drops a per-group zero point: group-wise asymmetric
-# alphabets reach them only once that slicing maps every leaf of the alphabet.
-INTEGER_CASES = [
-    (method, granularity, grid)
-    for method in ("gpfq", "gptq", "qronos", "msq")
-    for granularity in ("channel", "group")
-    for grid in ("signed", "asymmetric")
-    if not (method in ("gpfq", "qronos") and granularity == "group" and grid == "asymmetric")
-]
+# 18 inputs, 5 neurons: groups of 8 leave a short last group; groups of 4 give ⌈N0/g⌉ = N1 = 5
+# groups, the shape where a (G, N1) leaf sliced on the wrong axis still has the right shape.
+GRANULARITIES = {
+    "channel": {"per_channel": True},
+    "group": {"group_size": 8},
+    "square": {"group_size": 4},
+}
 
 
-@pytest.mark.parametrize(("method", "granularity", "grid"), INTEGER_CASES)
+@pytest.mark.parametrize("grid", ["signed", "asymmetric"])
+@pytest.mark.parametrize("granularity", list(GRANULARITIES))
+@pytest.mark.parametrize(
+    "method", ["gpfq", "gpfq-residual", "gptq", "gptq-act", "qronos", "qronos-act", "msq"]
+)
 def test_every_method_on_integer_grids_equals_numpy_reference(method, granularity, grid):
     import qjax
     from qjax.reference import gpfq_reference, qronos_reference
 
     with jax.enable_x64(True):
         rng = np.random.default_rng(7)
-        n0, n1, m = 18, 5, 60  # 18 inputs in groups of 8: the last group is short
+        n0, n1, m = 18, 5, 60
         mixing = rng.normal(size=(n0, n0)) / np.sqrt(n0) + np.eye(n0)
         x = rng.normal(size=(m, n0)) @ mixing
         x_tilde = x + 0.1 * rng.normal(size=(m, n0))
         w = rng.normal(scale=0.3, size=(n0, n1)) + np.linspace(-0.2, 0.3, n1)
-        options = {"per_channel": True} if granularity == "channel" else {"group_size": 8}
+        options = GRANULARITIES[granularity]
         alphabet = alphabets.for_weights(w, c=0.9, bits=3, rule="max", grid=grid, **options)
+        if grid == "asymmetric":  # the zero points differ between groups and neurons
+            assert len(np.unique(np.asarray(alphabet.zero_point))) > 1
         letters = _entry_letters(alphabet, n0, n1)
         stats = qjax.gram_stats(x, x_tilde)
+        act_order = method.endswith("-act")
         if method == "gpfq":
             expected = gpfq_reference(w, x, x_tilde, letters)
             q = qjax.GPFQ(block_size=4).quantize(w, stats, alphabet)
-        elif method == "gptq":
-            expected = _gptq_reference(w, qjax.gram_stats(x, x).gram, letters, 0.01)
-            q = qjax.GPTQ(damping=0.01, block_size=4).quantize(w, qjax.gram_stats(x, x), alphabet)
-        elif method == "qronos":
-            expected = qronos_reference(w, x, x_tilde, letters, damping=1e-4)
-            q = qjax.Qronos(damping=1e-4, block_size=4).quantize(w, stats, alphabet)
+        elif method == "gpfq-residual":  # one scan per neuron: the alphabet sliced per neuron
+            expected = gpfq_reference(w, x, x_tilde, letters)
+            q = qjax.gpfq_layer(w, x, x_tilde, alphabet, form="residual")
+        elif method.startswith("gptq"):
+            gram = qjax.gram_stats(x, x)
+            expected = _gptq_reference(w, gram.gram, letters, 0.01, act_order=act_order)
+            gptq = qjax.GPTQ(damping=0.01, block_size=4, act_order=act_order)
+            q = gptq.quantize(w, gram, alphabet)
+        elif method.startswith("qronos"):
+            expected = qronos_reference(w, x, x_tilde, letters, damping=1e-4, act_order=act_order)
+            qronos = qjax.Qronos(damping=1e-4, block_size=4, act_order=act_order)
+            q = qronos.quantize(w, stats, alphabet)
         else:
             expected = np.vectorize(nearest_letter, signature="(),(n)->()")(w, letters)
             q = qjax.MSQ().quantize(w, stats, alphabet)
         np.testing.assert_allclose(np.asarray(q), expected, rtol=0, atol=1e-12)
-
-
-def test_group_wise_signed_alphabet_refuses_to_lose_its_zero_point():
-    # Qronos with act_order re-slices a group-wise alphabet by its steps: a clear error, not the
-    # centered letters.
-    import qjax
-
-    w = jax.random.normal(jax.random.key(0), (12, 3))
-    x = jax.random.normal(jax.random.key(1), (40, 12))
-    alphabet = alphabets.for_weights(w, c=1.0, bits=3, rule="max", group_size=4, grid="signed")
-    with pytest.raises(ValueError, match="group-wise signed alphabet is not described by its"):
-        qjax.Qronos(act_order=True).quantize(w, qjax.gram_stats(x, x), alphabet)

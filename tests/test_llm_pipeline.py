@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import qjax
 from qjax.llm import pipeline
 from qjax.models import llama
 
@@ -58,16 +59,41 @@ def test_calibration_batches_and_token_sources(tmp_path):
         pipeline.load_tokens("no/such/file.txt")
 
 
-def test_quantize_checkpoint_refuses_unsupported_specs(tmp_path):
+def test_quantize_checkpoint_refuses_a_group_size_that_does_not_divide_the_inputs(tmp_path):
     from qjax.rules import LayerSpec
 
-    spec = LayerSpec(method="gpfq", bits=4, group_size=16, grid="asymmetric")
-    with pytest.raises(ValueError, match="gpfq does not take group-wise asymmetric"):
-        pipeline.quantize_checkpoint(str(tmp_path), str(tmp_path / "out"), [], spec=spec)
     llama.save_pretrained(llama.Llama(CONFIG, rngs=nnx.Rngs(0)), tmp_path / "float")
     spec = LayerSpec(method="gptq", bits=4, group_size=24, grid="signed")
     with pytest.raises(ValueError, match=r"group_size 24 must divide .* layers/0/self_attn/q_proj"):
         pipeline.quantize_checkpoint(str(tmp_path / "float"), str(tmp_path / "out"), [], spec=spec)
+
+
+@pytest.mark.parametrize(
+    ("method", "group_size"),
+    [("gpfq", 2), ("qronos", 16), (qjax.Qronos(act_order=True), 16), ("gptq", 2)],
+    ids=["gpfq-g2", "qronos-g16", "qronos-act-g16", "gptq-g2"],
+)
+def test_quantize_checkpoint_group_wise_asymmetric(tmp_path, method, group_size):
+    """Every method takes group-wise zero points: each layer's codes are letters of its alphabet
+    (the export checks every weight), including k_proj and v_proj at g = 2, whose 32 inputs make
+    16 groups for their 16 outputs (⌈N0/g⌉ = N1)."""
+    pytest.importorskip("compressed_tensors")
+    from qjax.rules import LayerSpec
+
+    llama.save_pretrained(llama.Llama(CONFIG, rngs=nnx.Rngs(2)), tmp_path / "float")
+    tokens = pipeline.load_tokens("char")
+    calibration = pipeline.calibration_batches(
+        tokens, num_samples=8, seq_len=32, batch_size=4, seed=0
+    )
+    spec = LayerSpec(method=method, bits=3, c=1.0, group_size=group_size, grid="asymmetric")
+    report = pipeline.quantize_checkpoint(
+        str(tmp_path / "float"), str(tmp_path / "out"), calibration, spec=spec
+    )
+    quantized_layers = [layer for layer in report["layers"] if layer["method"] != "skip"]
+    assert len(quantized_layers) == 14
+    assert all(0 < layer["relative_error"] < 1 for layer in quantized_layers)
+    quantized = pipeline.load_model(str(tmp_path / "out"))
+    assert all(np.all(np.isfinite(v)) for v in jax.tree.leaves(nnx.state(quantized, nnx.Param)))
 
 
 def _run(module, *args):

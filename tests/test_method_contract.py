@@ -2,7 +2,8 @@
 
 A new method is tested by being registered: its `quantize` works under `jax.jit` (arguments
 traced or closed over), `jax.vmap` and `jax.lax.scan`, with per-tensor, per-neuron, group-wise,
-letter-list and stacked (per batch entry) alphabets; every code is a letter of its input's
+letter-list and stacked (per batch entry) alphabets, on the centered and the integer (signed and
+asymmetric) grids; every code is a letter of its input's
 alphabet; inputs that are zero in X and X~ (dead) do not move the other codes; and NaN in the
 weights or the statistics never becomes a finite letter: an entry either keeps the code of the
 clean run or is NaN, and the entry the NaN hit is NaN.
@@ -37,17 +38,32 @@ def all_alphabets(w):
         "per neuron": alphabets.for_weights(w, c=1.0, bits=3, rule="max", per_channel=True),
         "group-wise": alphabets.for_weights(w, c=1.0, bits=2, rule="max", group_size=6),
         "letters": alphabets.Alphabet(jnp.asarray([-0.7, -0.2, 0.1, 0.9])),
+        **integer_alphabets(w),
+    }
+
+
+def integer_alphabets(w):
+    """The integer grids per neuron and group-wise; groups of 4 give ⌈N0/g⌉ = N1 groups, where a
+    (G, N1) leaf sliced on the wrong axis keeps its shape."""
+    options = dict(c=1.0, bits=3, rule="max")
+    return {
+        "signed per neuron": alphabets.for_weights(w, **options, per_channel=True, grid="signed"),
+        "signed group-wise": alphabets.for_weights(w, **options, group_size=6, grid="signed"),
+        "asymmetric per neuron": alphabets.for_weights(
+            w, **options, per_channel=True, grid="asymmetric"
+        ),
+        "asymmetric group-wise": alphabets.for_weights(
+            w, **options, group_size=6, grid="asymmetric"
+        ),
+        "asymmetric G = N1": alphabets.for_weights(w, **options, group_size=4, grid="asymmetric"),
     }
 
 
 def letters_of(alphabet, n0, n1):
     """The letters of every entry, shape (N0, N1, n)."""
-    if isinstance(alphabet, alphabets.Alphabet):
-        return np.broadcast_to(np.asarray(alphabet.letters), (n0, n1, alphabet.size))
-    step = np.asarray(alphabet._step_for(jnp.zeros((n0, n1))))
-    step = np.broadcast_to(step, (n0, n1))
-    half_integers = np.arange(alphabet.size) - (alphabet.size - 1) / 2
-    return step[..., None] * half_integers
+    if isinstance(alphabet, alphabets.UniformAlphabet):
+        alphabet = alphabet.per_input(jnp.zeros((n0, n1)))
+    return np.broadcast_to(np.asarray(alphabet.letters), (n0, n1, alphabet.size))
 
 
 def assert_on_alphabet(q, alphabet):
@@ -77,33 +93,37 @@ def test_jit_traced_or_closed_over_equals_plain_call(name):
     method = methods.get(name)
     w, x, x_tilde = layer(1)
     stats = qjax.gram_stats(x, x_tilde)
-    alphabet = all_alphabets(w)["group-wise"]
-    expected = method.quantize(w, stats, alphabet)
-    traced = jax.jit(method.quantize)(w, stats, alphabet)
-    closed = jax.jit(lambda: method.quantize(w, stats, alphabet))()
-    np.testing.assert_array_equal(traced, expected)
-    np.testing.assert_array_equal(closed, expected)
+    for form in ("group-wise", "asymmetric group-wise"):
+        alphabet = all_alphabets(w)[form]
+        expected = method.quantize(w, stats, alphabet)
+        traced = jax.jit(method.quantize)(w, stats, alphabet)
+        closed = jax.jit(lambda alphabet=alphabet: method.quantize(w, stats, alphabet))()
+        np.testing.assert_array_equal(traced, expected, err_msg=form)
+        np.testing.assert_array_equal(closed, expected, err_msg=form)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_vmap_scan_and_batch_axes_over_stacked_layers_equal_a_loop(name):
-    """Three layers with their own statistics and stacked per-neuron alphabets."""
+    """Three layers with their own statistics and stacked per-neuron (or group-wise asymmetric)
+    alphabets."""
     method = methods.get(name)
     problems = [layer(seed) for seed in range(3)]
     ws = jnp.stack([w for w, _, _ in problems])
     stats = stacked([qjax.gram_stats(x, xt) for _, x, xt in problems])
-    alphabet = stacked([all_alphabets(w)["per neuron"] for w in ws])
     take = lambda tree, i: jax.tree.map(lambda leaf: leaf[i], tree)
-    loop = jnp.stack([method.quantize(ws[i], take(stats, i), take(alphabet, i)) for i in range(3)])
-    np.testing.assert_array_equal(jax.vmap(method.quantize)(ws, stats, alphabet), loop)
 
     def step(carry, inputs):
         return carry, method.quantize(*inputs)
 
-    _, scanned = jax.lax.scan(step, None, (ws, stats, alphabet))
-    np.testing.assert_array_equal(scanned, loop)
-    batch = stats._replace(count=stats.count[0])  # leading batch axes: one row count
-    np.testing.assert_array_equal(method.quantize(ws, batch, alphabet), loop)
+    for form in ("per neuron", "asymmetric G = N1"):
+        alphabet = stacked([all_alphabets(w)[form] for w in ws])
+        loop = [method.quantize(ws[i], take(stats, i), take(alphabet, i)) for i in range(3)]
+        loop = jnp.stack(loop)
+        np.testing.assert_array_equal(jax.vmap(method.quantize)(ws, stats, alphabet), loop)
+        _, scanned = jax.lax.scan(step, None, (ws, stats, alphabet))
+        np.testing.assert_array_equal(scanned, loop)
+        batch = stats._replace(count=stats.count[0])  # leading batch axes: one row count
+        np.testing.assert_array_equal(method.quantize(ws, batch, alphabet), loop)
 
 
 @pytest.mark.parametrize("name", NAMES)

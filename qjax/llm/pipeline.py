@@ -167,12 +167,6 @@ def quantize_checkpoint(
     """
     from qjax.llm import compressed
 
-    if spec.quantizer.name in ("gpfq", "qronos") and spec.group_size and spec.grid == "asymmetric":
-        raise ValueError(
-            f"{spec.quantizer.name} does not take group-wise asymmetric alphabets yet (it slices "
-            "them per neuron by their steps alone); use grid='signed', per-channel scales "
-            "(group_size=None) or GPTQ/MSQ"
-        )
     start = time.perf_counter()
     model = llama.from_pretrained(model_dir)
     load_seconds = time.perf_counter() - start

@@ -141,8 +141,8 @@ def _per_neuron(alphabet: AnyAlphabet, n1: int) -> AnyAlphabet:
     """The alphabet with a leading neuron axis of length n1 on every leaf (for vmap)."""
     if isinstance(alphabet, Alphabet):
         return Alphabet(jnp.broadcast_to(alphabet.letters, (n1, alphabet.size)))
-    if alphabet.group_size is not None:  # step (G, N1) -> (N1, G)
-        return dataclasses.replace(alphabet, step=jnp.swapaxes(jnp.asarray(alphabet.step), 0, 1))
+    if alphabet.group_size is not None:  # step and zero point (G, N1) -> (N1, G)
+        return jax.tree.map(lambda leaf: jnp.swapaxes(jnp.asarray(leaf), 0, 1), alphabet)
     return jax.tree.map(lambda leaf: jnp.broadcast_to(leaf, (n1,)), alphabet)
 
 

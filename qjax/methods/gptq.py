@@ -9,7 +9,7 @@ with U the upper Cholesky factor of H⁻¹ (H⁻¹ = UᵀU),
 where w_t is row t of W (one weight per neuron; all neurons are handled at once). As in the
 GPTQ paper, H is damped by λ = `damping`·mean(diag H). With `act_order`, the inputs are visited
 by decreasing H_tt (GPTQ's "act-order" heuristic); a group-wise alphabet still gives input t the
-step of its own group.
+step (and zero point) of its own group.
 
 qjax computes the same codes from one factorization. U = R⁻¹ for the reversed Cholesky factor
 H = RRᵀ (R upper triangular), and the updated weight input t is rounded from is

@@ -83,11 +83,18 @@ def nearest_plane_coupling(r: jax.Array) -> jax.Array:
 
 
 def input_alphabet(alphabet: AnyAlphabet, order: jax.Array, w: jax.Array) -> AnyAlphabet:
-    """The alphabet in visiting order: a group-wise step becomes one row per visited input."""
+    """The alphabet in visiting order: a group-wise alphabet becomes one row per visited input.
+
+    Every leaf (step and zero point) is reordered alike, so integer grids keep their zero points.
+
+    Args:
+      alphabet: the alphabet of the layer's inputs in their own order.
+      order: the visiting order, a permutation of 0..N0-1.
+      w: the weights (N0, N1) (only their shape is read).
+    """
     if not isinstance(alphabet, UniformAlphabet) or alphabet.group_size is None:
         return alphabet
-    rows = alphabet._step_for(w)[order]  # (N0, N1), row k: the step of the k-th visited input
-    return UniformAlphabet(rows, alphabet.size, group_size=1)
+    return jax.tree.map(lambda rows: rows[order], alphabet.per_input(w))
 
 
 def failure_message(stats: GramStats, damping: float, scale: str) -> str:

@@ -36,10 +36,10 @@ other way round, H = X~ᵀX~ and G = X~ᵀX). With M = G + λI and b = (H + λI)
 
 Options: `damping` α (Brevitas's `alpha`, default 1e-6); `block_size` B, a speed knob only
 (Brevitas's `num_blocks` k is B = ⌈N0/k⌉); `act_order` visits the inputs by decreasing G_tt.
-Group-wise alphabets give input t the step of its own group, also under act-order. Dead inputs
-(G_tt = 0) get Q(0), as in qjax's GPFQ and GPTQ (Brevitas rounds the float weight there; neither
-changes the layer's output). If the float32 factorization of M fails (G singular up to rounding
-and λ too small), λ is raised tenfold until it succeeds.
+Group-wise alphabets give input t the step (and zero point) of its own group, also under act-order.
+Dead inputs (G_tt = 0) get Q(0), as in qjax's GPFQ and GPTQ (Brevitas rounds the float weight there;
+neither changes the layer's output). If the float32 factorization of M fails (G singular up to
+rounding and λ too small), λ is raised tenfold until it succeeds.
 
 Where Qronos does not win. With X~ = X it is GPTQ with Hessian G + λI (the paper's Corollary
 3.4), and with few rows (m ≪ N0) the tiny default λ lets its least-squares diffusion fit the rows
