@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["gpfq_reference", "nearest_letter", "qronos_reference"]
+__all__ = ["gpfq_reference", "gptq_reference", "nearest_letter", "qronos_reference"]
 
 
 def nearest_letter(value: float, letters: np.ndarray) -> float:
@@ -53,6 +53,48 @@ def gpfq_reference(
             q[t, neuron] = nearest_letter(argument, letters[t, neuron])
             u = v - q[t, neuron] * x_tilde[:, t]
     return q
+
+
+def gptq_reference(
+    w: np.ndarray,
+    gram: np.ndarray,
+    letters: np.ndarray,
+    *,
+    damping: float,
+    act_order: bool = False,
+) -> np.ndarray:
+    """GPTQ (Frantar et al., eqs. 2-3) without Cholesky or blocks, in float64.
+
+    H = G + damping·mean(diag G)·I. For each input t in turn: q_t = Q(w_t) entry by entry; the
+    inputs not yet quantized absorb the error, w_{>t} -= H⁻¹_{>t,t} (w_t - q_t) / H⁻¹_tt; t leaves
+    H⁻¹ by one step of Gaussian elimination.
+
+    Args:
+      w: (N0, N1) weights.
+      gram: G = X~ᵀX~, (N0, N0).
+      letters: the alphabet, sorted: shape (n,) for all weights, (N1, n) per neuron, or
+        (N0, N1, n) per input and neuron (group-wise alphabets).
+      damping: the relative damping α.
+      act_order: visit the inputs by decreasing G_tt (ties in layer order) instead of in order.
+
+    Returns:
+      Q, (N0, N1), rows in the layer's input order.
+    """
+    n0, n1 = np.shape(w)
+    letters = np.broadcast_to(np.asarray(letters, np.float64), (n0, n1, np.shape(letters)[-1]))
+    order = np.argsort(-np.diag(gram), kind="stable") if act_order else np.arange(n0)
+    w = np.array(w, np.float64)[order]
+    h = np.array(gram, np.float64)[np.ix_(order, order)]
+    letters = letters[order]
+    h = h + damping * np.mean(np.diag(h)) * np.eye(n0)
+    h_inv = np.linalg.inv(h)
+    q = np.zeros_like(w)
+    for t in range(n0):
+        q[t] = [nearest_letter(v, row) for v, row in zip(w[t], letters[t], strict=True)]
+        error = (w[t] - q[t]) / h_inv[t, t]
+        w[t + 1 :] -= np.outer(h_inv[t + 1 :, t], error)
+        h_inv = h_inv - np.outer(h_inv[:, t], h_inv[t, :]) / h_inv[t, t]
+    return q[np.argsort(order)]  # row k of q is input order[k]
 
 
 def qronos_reference(

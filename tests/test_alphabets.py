@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from qjax import alphabets
-from qjax.reference import nearest_letter
+from qjax.reference import gptq_reference, nearest_letter
 
 
 def test_symmetric_letters():
@@ -190,24 +190,6 @@ def test_integer_grid_codes_decode_and_mse_search(grid, granularity):
     assert error(searched) <= error(fixed) * (1 + 1e-6)  # C = 1 is among the candidates
 
 
-def _gptq_reference(w, gram, letters, damping, act_order=False):
-    """GPTQ (Frantar et al., eqs. 2-3) with each entry's own letters (N0, N1, n); with
-    `act_order`, the inputs visited by decreasing H_tt (ties in layer order)."""
-    order = np.argsort(-np.diag(gram), kind="stable") if act_order else np.arange(len(gram))
-    w = np.array(w, np.float64)[order]
-    h = np.array(gram, np.float64)[np.ix_(order, order)]
-    letters = letters[order]
-    h = h + damping * np.mean(np.diag(h)) * np.eye(len(h))
-    h_inv = np.linalg.inv(h)
-    q = np.zeros_like(w)
-    for t in range(w.shape[0]):
-        q[t] = [nearest_letter(v, row) for v, row in zip(w[t], letters[t], strict=True)]
-        error = (w[t] - q[t]) / h_inv[t, t]
-        w[t + 1 :] -= np.outer(h_inv[t + 1 :, t], error)
-        h_inv = h_inv - np.outer(h_inv[:, t], h_inv[t, :]) / h_inv[t, t]
-    return q[np.argsort(order)]  # row k of q is input order[k]
-
-
 def _entry_letters(alphabet, n0, n1):
     """The letters of each weight, (N0, N1, n)."""
     letters = np.asarray(alphabet.letters, np.float64)
@@ -256,7 +238,7 @@ def test_every_method_on_integer_grids_equals_numpy_reference(method, granularit
             q = qjax.gpfq_layer(w, x, x_tilde, alphabet, form="residual")
         elif method.startswith("gptq"):
             gram = qjax.gram_stats(x, x)
-            expected = _gptq_reference(w, gram.gram, letters, 0.01, act_order=act_order)
+            expected = gptq_reference(w, gram.gram, letters, damping=0.01, act_order=act_order)
             gptq = qjax.GPTQ(damping=0.01, block_size=4, act_order=act_order)
             q = gptq.quantize(w, gram, alphabet)
         elif method.startswith("qronos"):

@@ -10,22 +10,7 @@ from qjax import alphabets
 from qjax.methods import hessian
 from qjax.methods.base import _quantize_batched
 from qjax.methods.gptq import gptq_from_stats
-
-
-def gptq_reference(w, gram, letters, damping):
-    """GPTQ without Cholesky or blocks: quantize input t, update the rest through H⁻¹, then
-    remove t from H⁻¹ by one step of Gaussian elimination (Frantar et al., eqs. 2-3)."""
-    w = np.array(w, np.float64)
-    h = np.array(gram, np.float64)
-    h = h + damping * np.mean(np.diag(h)) * np.eye(len(h))
-    h_inv = np.linalg.inv(h)
-    q = np.zeros_like(w)
-    for t in range(w.shape[0]):
-        q[t] = letters[np.argmin(np.abs(w[t][:, None] - letters[None, :]), axis=1)]
-        error = (w[t] - q[t]) / h_inv[t, t]
-        w[t + 1 :] -= np.outer(h_inv[t + 1 :, t], error)
-        h_inv = h_inv - np.outer(h_inv[:, t], h_inv[t, :]) / h_inv[t, t]
-    return q
+from qjax.reference import gptq_reference
 
 
 def correlated_inputs(key, m, n0):
@@ -43,7 +28,7 @@ def test_matches_reference(block_size):
         alphabet = alphabets.symmetric(3, jnp.float64(0.4))
         stats = qjax.gram_stats(x, x)
         q = gptq_from_stats(w, stats, alphabet, damping=0.01, block_size=block_size)
-        expected = gptq_reference(w, stats.gram, np.asarray(alphabet.letters), 0.01)
+        expected = gptq_reference(w, stats.gram, np.asarray(alphabet.letters), damping=0.01)
         np.testing.assert_allclose(q, expected, atol=1e-9)
     finally:
         jax.config.update("jax_enable_x64", False)
