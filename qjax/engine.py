@@ -393,6 +393,13 @@ def _quantized(
             f"the statistics of layer {name} (X~ᵀX~, X~ᵀX) hold NaN or Inf: its inputs "
             "overflow in the partly quantized model"
         )
+    if not np.isfinite(error):
+        method = step.spec.quantizer
+        dtype = jnp.result_type(kernel.dtype, jnp.float32)
+        raise ValueError(
+            f"layer {name}: {method.name} gave NaN codes from finite weights and statistics: "
+            f"{method.numerical_failure(dtype)}"
+        )
     logging.info(
         "%s %s: relative error %.4f (MSQ %.4f), %d letters, %.1fs",
         name,
@@ -756,9 +763,12 @@ def quantize_model(
             else:  # this process's rows, split over the mesh's devices
                 stats = gram_stats_update(stats, _rows(kind, x), _rows(kind, x_tilde))
         # With a mesh, all of Q on this process, for the next forward passes.
-        q, alphabet, errors = step.quantize(
-            matrix, stats, gather=_gathered if mesh is not None else None
-        )
+        try:
+            q, alphabet, errors = step.quantize(
+                matrix, stats, gather=_gathered if mesh is not None else None
+            )
+        except ValueError as error:  # the method's own checks, which do not know the layer
+            raise ValueError(f"layer {_name(layer, index)}: {error}") from error
         errors = np.asarray(errors)
         seconds = time.perf_counter() - start
         reports.append(_quantized(layer, index, step, kernel, alphabet, errors, seconds))

@@ -467,3 +467,35 @@ def test_registered_transposed_kernels_and_unreached_parameters(monkeypatch):
         ]
     # The second layer saw X~ from the quantized first one: 4 letters per output channel.
     assert max(len(np.unique(row)) for row in np.asarray(new.c_proj.w.get_value())) <= 4
+
+
+class _TwoLayers(nnx.Module):
+    def __init__(self, rngs):
+        self.fc0 = nnx.Linear(9, 8, rngs=rngs)
+        self.fc1 = nnx.Linear(8, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.fc1(nnx.relu(self.fc0(x)))
+
+
+@pytest.mark.parametrize("one_pass", [True, False])
+def test_nan_codes_from_finite_statistics_name_the_layer(monkeypatch, one_pass):
+    """A method whose arithmetic fails on finite statistics (GPTQ's factorization failing at
+    every damping, made to happen here on fc1) is an error naming the layer in both schedules,
+    never a model with NaN weights."""
+    original = qjax.GPTQ.quantize_matrix
+
+    def failing_on_fc1(self, w, stats, alphabet):
+        q = original(self, w, stats, alphabet)
+        return jnp.full_like(q, jnp.nan) if w.shape[-1] == 3 else q
+
+    monkeypatch.setattr(qjax.GPTQ, "quantize_matrix", failing_on_fc1)
+    x = jax.random.normal(jax.random.key(0), (32, 9))
+    with pytest.raises(ValueError, match=r"layer fc1: gptq.*NaN.*could not be factored"):
+        qjax.quantize_model(
+            _TwoLayers(nnx.Rngs(0)),
+            x,
+            spec=LayerSpec(method="gptq", bits=3),
+            one_pass=one_pass,
+            progress=False,
+        )

@@ -94,14 +94,18 @@ class QuantizationMethod(abc.ABC):
             raise ValueError(
                 f"{self.name}: the codes of the weight matrix of shape {w.shape} (batch_shape + "
                 f"(N0, N1)) came out NaN from finite weights and statistics: "
-                f"{self.numerical_failure(stats)}"
+                f"{self.numerical_failure(stats.gram.dtype)}"
             )
         return q.astype(w.dtype)
 
-    def numerical_failure(self, stats: GramStats) -> str:
+    def numerical_failure(self, dtype: jnp.dtype) -> str:
         """Why this method's arithmetic can fail on finite inputs, and what to do (the message of
-        the error `quantize` raises when it does)."""
-        del stats
+        the error raised when it does).
+
+        Args:
+          dtype: the dtype of the statistics the method read.
+        """
+        del dtype
         return (
             "an intermediate overflowed in "
             f"{self.name}'s arithmetic; accumulate the statistics in float64 "

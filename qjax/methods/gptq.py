@@ -106,8 +106,8 @@ class GPTQ(QuantizationMethod):
             raise ValueError(f"damping must be positive, got {self.damping}")
         check_positive_int("block_size", self.block_size)
 
-    def numerical_failure(self, stats: GramStats) -> str:
-        return hessian.failure_message(stats, self.damping, "mean(diag G)")
+    def numerical_failure(self, dtype: jnp.dtype) -> str:
+        return hessian.failure_message(dtype, self.damping, "mean(diag G)")
 
     def quantize_matrix(self, w: jax.Array, stats: GramStats, alphabet: AnyAlphabet) -> jax.Array:
         return _gptq_matrix(

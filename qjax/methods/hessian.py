@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 
 from qjax.alphabets import AnyAlphabet, UniformAlphabet
-from qjax.stats import GramStats
 
 __all__ = [
     "MAX_DAMPING_RAISES",
@@ -97,17 +96,17 @@ def input_alphabet(alphabet: AnyAlphabet, order: jax.Array, w: jax.Array) -> Any
     return jax.tree.map(lambda rows: rows[order], alphabet.per_input(w))
 
 
-def failure_message(stats: GramStats, damping: float, scale: str) -> str:
+def failure_message(dtype: jnp.dtype, damping: float, scale: str) -> str:
     """What a factorization that failed at every damping means, and what to do.
 
     Args:
-      stats: the statistics the method read.
+      dtype: the dtype of the statistics the method read.
       damping: the method's damping α; λ = α·`scale` was tried first.
       scale: what α multiplies, as the method defines λ (e.g. "mean(diag G)").
     """
     largest = damping * 10**MAX_DAMPING_RAISES
     return (
-        f"the damped Hessian G + λI could not be factored in {stats.gram.dtype} for any damping "
+        f"the damped Hessian G + λI could not be factored in {dtype} for any damping "
         f"tried: λ = {damping:g}·{scale}, raised tenfold {MAX_DAMPING_RAISES} times up to "
         f"{largest:g}·{scale}. G = X~ᵀX~ is positive semidefinite, so a G this far from it is "
         "broken: check that the statistics were accumulated from the layer's inputs (finite, of "

@@ -151,8 +151,8 @@ class Qronos(QuantizationMethod):
             raise ValueError(f"damping must be positive, got {self.damping}")
         check_positive_int("block_size", self.block_size)
 
-    def numerical_failure(self, stats: GramStats) -> str:
-        return hessian.failure_message(stats, self.damping, "||G||₂")
+    def numerical_failure(self, dtype: jnp.dtype) -> str:
+        return hessian.failure_message(dtype, self.damping, "||G||₂")
 
     def quantize_matrix(self, w: jax.Array, stats: GramStats, alphabet: AnyAlphabet) -> jax.Array:
         return _qronos_matrix(w, stats.gram, stats.cross, alphabet, **dataclasses.asdict(self))
