@@ -204,8 +204,14 @@ def versions() -> dict[str, str]:
     """The versions of the tools compared."""
     import importlib.metadata as metadata
 
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
     names = ("qjax", "llmcompressor", "compressed-tensors", "transformers", "torch", "jax")
-    return {name: metadata.version(name) for name in names}
+    return {name: version(name) for name in names}
 
 
 def table(rows: list[dict], model_dir: str, trained: bool, shape: tuple[int, ...]) -> str:

@@ -90,3 +90,26 @@ def test_bad_configs_raise():
     config.steps_per_epoch = -1
     with pytest.raises(ValueError, match="steps_per_epoch"):
         pipeline.steps_per_epoch(config, 10_000)
+
+
+def test_peers_benchmark_scores_like_qjax(tmp_path):
+    """benchmarks/llm_peers.py's PyTorch perplexity is qjax's protocol; its table's ratios."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from benchmarks import llm_peers
+
+    config = tiny.get_config()
+    model = pipeline.make_model(config, 65)
+    llama.save_pretrained(model, tmp_path)
+    tokens = llm.load_tokens("char", split="test")[:1000]
+    expected = llm.perplexity(model, tokens, seq_len=config.seq_len, batch_size=4)
+    measured = llm_peers.torch_perplexity(
+        str(tmp_path), tokens, seq_len=config.seq_len, batch_size=4
+    )
+    assert measured == pytest.approx(expected, rel=1e-4)
+    rows = [
+        {"tool": "llm-compressor", "method": "gptq", "seconds": 30.0, "perplexity": 100.0},
+        {"tool": "qjax", "method": "gptq", "seconds": 10.0, "perplexity": 101.0},
+    ]
+    table = llm_peers.table(rows, str(tmp_path), True, (128, 128))
+    assert "| qjax | gptq | 10.0 | 101.000 | 1.0100 | 3.00× |" in table
