@@ -49,6 +49,7 @@ def test_tiny_run_end_to_end(tmp_path):
         assert entry["quantize_seconds"] > 0
     table = (tmp_path / "results.md").read_text()
     assert "| float |" in table and "| W4 g32 |" in table and "qjax.llm.quantize" in table
+    assert f"qjax {saved['qjax_version']}, commit " in table
     # A second run trains and quantizes nothing again: the same results, the same files.
     packed = tmp_path / pipeline.QUANTIZED / "gptq_w4_g32" / "model.safetensors"
     mtime = packed.stat().st_mtime_ns

@@ -240,6 +240,8 @@ def results_markdown(results: dict) -> str:
     """The float model and the quantized checkpoints' test perplexities as Markdown tables."""
     f = results["float"]
     lines = [
+        f"qjax {results['qjax_version']}, commit {results['commit']}",
+        "",
         "| model | parameters | train steps | train time | valid perplexity | test perplexity |",
         "|---|---|---|---|---|---|",
         f"| float | {results['num_params']:,} | {results['train_steps']} "
