@@ -15,6 +15,7 @@ import ml_collections
 # Sized from timed steps: 6.8 s per step of 32 × 128 tokens at a load average of ≈ 5, so
 # batches of 16 × 128 at ≈ 3.5 s: 160 steps ≈ 10 minutes, 15 at a load average of ≈ 10. That is
 # 0.33 M tokens, about a third of PTB's training words: a short run, not a converged model.
+# Measured: 585 s of training (9.7 minutes) at a load average of ≈ 7, test perplexity 432.6.
 STEPS = 160
 
 
