@@ -1,0 +1,1 @@
+"""Configs of the Llama-family language-model experiment: `ptb` (≈ 15 minutes) and `tiny`."""
