@@ -210,7 +210,9 @@ def quantize_checkpoint(
         "quantize_seconds": quantize_seconds,
         "peak_host_memory_bytes": _peak_memory_bytes(),
         "float32_parameter_bytes": float_bytes,
-        "layers": [r._asdict() for r in reports],
+        "layers": [
+            {k: v for k, v in r._asdict().items() if k != "alphabet"} for r in reports
+        ],  # the alphabets are in the checkpoint
     }
     report["spec"]["method"] = spec.method_name
     with open(os.path.join(output_dir, "report.json"), "w") as f:
