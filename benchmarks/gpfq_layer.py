@@ -8,16 +8,28 @@ extracted beforehand, so `gpfq_conv` pays for its patch extraction on top. Each 
 of `--repeats` rounds (at least 3 by default), the layer and its floor called in turn in each
 round, and the range of the per-round ratios is printed with it:
 
-    python -m benchmarks.gpfq_layer            # the default sizes (a few minutes on 2 CPU cores)
-    python -m benchmarks.gpfq_layer --small    # a quick smoke run
+    python -m benchmarks.gpfq_layer                 # the default sizes (minutes on 2 CPU cores)
+    python -m benchmarks.gpfq_layer --small         # a quick smoke run
+    python -m benchmarks.gpfq_layer --no-brevitas   # qjax only
 
 Target: every row within 1.3× its floor (dense m=20000, N0=784, N1=500; conv 3x3, 128 -> 128
 channels, 256 CIFAR-sized images); peak memory of the "gram" form that does not grow with m.
+
+The Brevitas part (needs `torch` and `brevitas`, the `brevitas` extra; skipped with a line saying
+so otherwise) runs the dense layer as a user of each library runs it, from the calibration rows
+to the quantized weights, on the same rows (X~ = X: a one-layer model, whose quantized and float
+inputs are the same), the same int4 narrow-range per-channel scales and `--brevitas-batch` rows
+per calibration batch. Brevitas: `gpfq_mode` (GPFQ, and Qronos as its `algorithm_impl`) or
+`gptq_mode` around a `QuantLinear`, one forward call per batch (its hooks accumulate the
+statistics), then `update()`; torch on `--threads` threads. qjax: `gpfq_layer`, or `gram_stats`
+then `GPTQ().quantize` / `Qronos().quantize` (statistics included). Target: GPFQ >= 10x faster.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 import time
 
 import jax
@@ -35,6 +47,7 @@ from qjax.stats import _accumulate_jit as _gram_stats_update_jit
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 TARGET = 1.3
+BREVITAS_TARGET = 10
 
 
 @jax.jit
@@ -105,6 +118,101 @@ def bench_conv(images, cin, cout, size, rounds):
     return times, matrix.shape[0], patches.shape[0]
 
 
+def brevitas_layer(w):
+    """A Brevitas QuantLinear holding W (torch layout N1 × N0), int4 narrow range per channel; its
+    scale is fixed at the first call (max|w|/7 per output channel)."""
+    import brevitas.nn as qnn
+    import torch
+    from brevitas.quant import Int8WeightPerChannelFloat
+
+    n0, n1 = w.shape
+    layer = qnn.QuantLinear(
+        n0,
+        n1,
+        bias=False,
+        weight_quant=Int8WeightPerChannelFloat,
+        weight_bit_width=4,
+        weight_scaling_impl_type="parameter_from_stats",
+    )
+    layer.eval()
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(np.array(w).T))
+        layer.quant_weight()  # fixes the scale
+    return layer
+
+
+def brevitas_whole_layer(name, w, batches):
+    """Brevitas's `name` ("gpfq", "gptq", "qronos") as a user runs it: the mode's context around a
+    one-layer model, one forward call per calibration batch (the hooks accumulate the
+    statistics), then `update()`. Returns (the quantized weights (N0, N1), seconds); the layer is
+    built before the clock starts."""
+    import torch
+    from brevitas.graph.gpfq import gpfq_mode
+    from brevitas.graph.gptq import gptq_mode
+    from brevitas.graph.qronos import Qronos
+
+    model = torch.nn.Sequential(brevitas_layer(w))
+    if name == "gptq":
+        mode = functools.partial(gptq_mode, model)
+    elif name == "gpfq":
+        mode = functools.partial(gpfq_mode, model)
+    else:
+        mode = functools.partial(gpfq_mode, model, algorithm_impl=Qronos)
+    with torch.no_grad():
+        start = time.perf_counter()
+        with mode() as quantizer:
+            for batch in batches:
+                quantizer.model(batch)
+            quantizer.update()
+        elapsed = time.perf_counter() - start
+        return model[0].quant_weight().value.numpy().T, elapsed
+
+
+def bench_brevitas(m, n0, n1, batch_rows, rounds):
+    """qjax's and Brevitas's GPFQ, GPTQ and Qronos on one dense layer, whole layer each (calibration
+    rows to weights), interleaved over `rounds`; prints the table rows."""
+    import torch
+
+    w, x, _ = dense_inputs(jax.random.key(3), m, n0, n1)
+    scale = brevitas_layer(w).quant_weight().scale.detach().numpy()[:, 0]
+    alphabet = alphabets.symmetric(7, jnp.asarray(scale))  # the same 15 letters per channel
+    batches = [torch.from_numpy(np.array(x[i : i + batch_rows])) for i in range(0, m, batch_rows)]
+    stats = functools.partial(qjax.gram_stats, x, x, batch_size=batch_rows)  # X~ = X
+    ours = dict(
+        gpfq=lambda: qjax.gpfq_layer(w, x, x, alphabet, batch_size=batch_rows),
+        gptq=lambda: qjax.GPTQ().quantize(w, stats(), alphabet),
+        qronos=lambda: qjax.Qronos().quantize(w, stats(), alphabet),
+    )
+    first_call = {}
+    for name, fn in ours.items():  # compilation, outside the rounds (its time printed apart)
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        first_call[name] = time.perf_counter() - start
+    times = {name: ([], []) for name in ours}
+    codes = {}
+    for _ in range(rounds):
+        for name, fn in ours.items():
+            start = time.perf_counter()
+            q = jax.block_until_ready(fn())
+            times[name][0].append(time.perf_counter() - start)
+            theirs, elapsed = brevitas_whole_layer(name, w, batches)
+            times[name][1].append(elapsed)
+            codes[name] = (np.asarray(q), theirs)
+    error_stats = qjax.gram_stats(x, x, track_error=True)
+    for name, (qjax_times, brevitas_times) in times.items():
+        ours_q, theirs_q = codes[name]
+        agree = float(np.mean(np.isclose(ours_q, theirs_q, rtol=1e-5, atol=0)))
+        per_round = [b / a for a, b in zip(qjax_times, brevitas_times, strict=True)]
+        errors = [float(qjax.relative_error(w, jnp.asarray(q), error_stats)) for q in codes[name]]
+        print(
+            f"| dense m={m} N0={n0} N1={n1} | {name} | {agree:.4f} | {errors[0]:.4f} | "
+            f"{errors[1]:.4f} | {first_call[name]:.3f} | {min(qjax_times):.3f} | "
+            f"{min(brevitas_times):.3f} | "
+            f"×{min(brevitas_times) / min(qjax_times):.1f} ({min(per_round):.1f}–"
+            f"{max(per_round):.1f} over {rounds} rounds) | ≥ {BREVITAS_TARGET} |"
+        )
+
+
 def compiled_bytes(jitted, *args) -> int:
     """Arguments + outputs + temporaries of one compiled XLA program (its peak footprint)."""
     stats = jitted.lower(*args).compile().memory_analysis()
@@ -152,6 +260,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="small sizes, for a quick check")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds per ratio")
+    parser.add_argument("--no-brevitas", action="store_true", help="skip the Brevitas part")
+    parser.add_argument("--brevitas-batch", type=int, default=2000, help="rows per batch")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (Brevitas part)")
     args = parser.parse_args()
     small = args.small
     dense = (2000, 196, 100) if small else (20_000, 784, 500)
@@ -197,6 +308,32 @@ def main():
         f"\nNumPy reference loop (m=2000, N1=100, timed on a few neurons and scaled): "
         f"{reference:.2f} s; qjax: {ours:.4f} s; speed-up ×{reference / ours:.0f}"
     )
+
+    if args.no_brevitas:
+        print("\nBrevitas: skipped (--no-brevitas)")
+        return
+    try:
+        import brevitas
+        import torch
+    except ImportError as error:
+        print(f"\nBrevitas: skipped ({error}; pip install -e '.[brevitas]' to compare)")
+        return
+    torch.set_num_threads(args.threads)
+    print(
+        f"\nBrevitas {brevitas.__version__}, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), load average {os.getloadavg()[0]:.1f}: the whole "
+        f"dense layer from the rows (X~ = X, {args.brevitas_batch} rows per batch) to the "
+        "weights, int4 narrow range per channel (scale max|w|/7), act_order off, GPTQ damping "
+        "0.01·mean diag G, Qronos α = 1e-6; times best of the interleaved rounds, the ratio's "
+        "per-round range"
+    )
+    print(
+        "| layer | method | codes equal | qjax error | Brevitas error | qjax first call, "
+        "compiling (s) | qjax (s) | Brevitas (s) | Brevitas / qjax | target |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    bench_brevitas(*dense, args.brevitas_batch, args.repeats)
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

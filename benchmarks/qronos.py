@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import qjax
-from benchmarks.gpfq_layer import gram_floor
+from benchmarks.gpfq_layer import brevitas_layer, gram_floor
 from benchmarks.timing import best_time, format_ratio, interleaved_times
 from qjax import alphabets
 from qjax.methods import GPFQ, GPTQ, MSQ, Qronos
@@ -128,29 +128,6 @@ def print_qjax_rows(rows):
             f"{min(times['from_stats']):.4f} | "
             f"{format_ratio(times, 'from_stats', 'solve_floor')} | ≤ 1.3 |"
         )
-
-
-def brevitas_layer(w):
-    """A Brevitas QuantLinear holding W (torch layout N1 × N0), int4 narrow range per channel; its
-    scale is fixed at the first call (max|w|/7 per output channel)."""
-    import brevitas.nn as qnn
-    import torch
-    from brevitas.quant import Int8WeightPerChannelFloat
-
-    n0, n1 = w.shape
-    layer = qnn.QuantLinear(
-        n0,
-        n1,
-        bias=False,
-        weight_quant=Int8WeightPerChannelFloat,
-        weight_bit_width=4,
-        weight_scaling_impl_type="parameter_from_stats",
-    )
-    layer.eval()
-    with torch.no_grad():
-        layer.weight.copy_(torch.from_numpy(np.array(w).T))
-        layer.quant_weight()  # fixes the scale
-    return layer
 
 
 def brevitas_update(name, w, stats):

@@ -12,15 +12,12 @@ import pytest
 import qjax
 from qjax import alphabets, methods, prox
 from qjax.reference import gpfq_reference
+from tests.test_method_contract import layer
 
 
-def _problem(seed=0, m=64, n0=24, n1=6):
-    rng = np.random.default_rng(seed)
-    mixing = rng.normal(size=(n0, n0)) / np.sqrt(n0) + np.eye(n0)
-    x = (rng.normal(size=(m, n0)) @ mixing).astype(np.float32)
-    x_tilde = (x + 0.1 * rng.normal(size=(m, n0))).astype(np.float32)
-    w = rng.normal(scale=0.5, size=(n0, n1)).astype(np.float32)
-    return jnp.asarray(w), jnp.asarray(x), jnp.asarray(x_tilde)
+def _problem(seed=0, n0=24, n1=6):
+    """The contract test's layer (correlated X, X~ = X + noise, W) at this module's sizes."""
+    return layer(seed, n0=n0, n1=n1, m=64)
 
 
 def test_methods_are_registered_by_name():
