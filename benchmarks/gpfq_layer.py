@@ -11,6 +11,7 @@ round, and the range of the per-round ratios is printed with it:
     python -m benchmarks.gpfq_layer                 # the default sizes (minutes on 2 CPU cores)
     python -m benchmarks.gpfq_layer --small         # a quick smoke run
     python -m benchmarks.gpfq_layer --no-brevitas   # qjax only
+    python -m benchmarks.gpfq_layer --conv-xla      # conv statistics: patches vs XLA convolutions
 
 Target: every row within 1.3× its floor (dense m=20000, N0=784, N1=500; conv 3x3, 128 -> 128
 channels, 256 CIFAR-sized images); peak memory of the "gram" form that does not grow with m.
@@ -23,6 +24,15 @@ per calibration batch. Brevitas: `gpfq_mode` (GPFQ, and Qronos as its `algorithm
 `gptq_mode` around a `QuantLinear`, one forward call per batch (its hooks accumulate the
 statistics), then `update()`; torch on `--threads` threads. qjax: `gpfq_layer`, or `gram_stats`
 then `GPTQ().quantize` / `Qronos().quantize` (statistics included). Target: GPFQ >= 10x faster.
+
+`--conv-xla` measures, on the conv layer alone, qjax's statistics from patches (`gpfq_conv`'s: one
+image's patches extracted and folded into G and H per compiled step) against two patch-free
+formulations with XLA convolutions (`lax.conv_general_dilated`, the kernel-gradient form whose
+"kernel" is a whole image): nine convolutions, one per window offset k', each giving the block
+column (·, k') of X~ᵀX~ and of X~ᵀX exactly; and the 5 × 5 displacement correlations
+Σ_u X~[u] X~[u + d]ᵀ, Σ_u X~[u] X[u + d]ᵀ (the 81 blocks of a 3 × 3 window's G are these 25 up
+to border strips, 25/81 of the product's work), timed without the border corrections, so a lower
+bound of that form.
 """
 
 from __future__ import annotations
@@ -39,11 +49,13 @@ import numpy as np
 import qjax
 from benchmarks.timing import best_time, format_ratio, interleaved_times
 from qjax import alphabets
+from qjax.methods.gpfq import DEFAULT_CONV_CHUNK_ROWS, _conv_stats_update
 from qjax.methods.gpfq_core import gpfq_residual
 from qjax.methods.hessian import reversed_cholesky
 from qjax.patches import ConvGeometry, conv_patches, kernel_to_matrix
 from qjax.reference import gpfq_reference
 from qjax.stats import _accumulate_jit as _gram_stats_update_jit
+from qjax.stats import gram_stats_init
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 TARGET = 1.3
@@ -98,12 +110,17 @@ def bench_dense(m, n0, n1, rounds):
     )
 
 
+def conv_images(images, cin, size):
+    """ReLU input images of a conv layer and their X~ = X + noise."""
+    key_x, key_n, _ = jax.random.split(jax.random.key(1), 3)  # the third for bench_conv's kernel
+    x = jax.nn.relu(jax.random.normal(key_x, (images, size, size, cin)))
+    return x, x + 0.05 * jax.random.normal(key_n, x.shape)
+
+
 def bench_conv(images, cin, cout, size, rounds):
     """Interleaved times of `gpfq_conv` and its floor on the patch matrices (extracted first)."""
-    key_x, key_n, key_w = jax.random.split(jax.random.key(1), 3)
-    x = jax.nn.relu(jax.random.normal(key_x, (images, size, size, cin)))
-    x_tilde = x + 0.05 * jax.random.normal(key_n, x.shape)
-    kernel = 0.05 * jax.random.normal(key_w, (3, 3, cin, cout))
+    x, x_tilde = conv_images(images, cin, size)
+    kernel = 0.05 * jax.random.normal(jax.random.split(jax.random.key(1), 3)[2], (3, 3, cin, cout))
     geometry = ConvGeometry((3, 3))
     alphabet = alphabets.for_weights(kernel, c=2.0, bits=2, per_channel=True)
     patches, patches_tilde = conv_patches(x, geometry)[0], conv_patches(x_tilde, geometry)[0]
@@ -213,6 +230,93 @@ def bench_brevitas(m, n0, n1, batch_rows, rounds):
         )
 
 
+def patch_statistics(x, x_tilde, geometry):
+    """G and H of a conv layer as `gpfq_conv` accumulates them: a chunk of images' patches
+    extracted and folded in per compiled step (`DEFAULT_CONV_CHUNK_ROWS` patch rows)."""
+    step = max(1, DEFAULT_CONV_CHUNK_ROWS // (x.shape[1] * x.shape[2]))
+    stats = gram_stats_init(geometry.window_size * x.shape[-1], batch_shape=(1,))
+    for start in range(0, x.shape[0], step):
+        rows = slice(start, start + step)
+        stats = _conv_stats_update(
+            stats, x[rows], x_tilde[rows], None, geometry=geometry, patch_fraction=None
+        )
+    return stats
+
+
+# (C, *spatial, batch) x (batch, *spatial, C') -> (C, *window, C'): the batch and the positions
+# contracted, the kernel-gradient form of a convolution.
+_KERNEL_GRADIENT = ("CHWN", "IHWO", "NHWC")
+
+
+def _correlate(a, b):
+    return jax.lax.conv_general_dilated(
+        a, b, (1, 1), "VALID", dimension_numbers=_KERNEL_GRADIENT, precision=_HIGHEST
+    )
+
+
+@jax.jit
+def offset_convolutions(x, x_tilde):
+    """X~ᵀX~ and X~ᵀX of a 3x3 "SAME" conv, exactly, as nine XLA convolutions (one per offset k'
+    of the window: the block column (·, k'), rows in the kernel's (window, channel) order), no
+    patch matrix."""
+    size = x.shape[1:3]
+    padded, padded_tilde = (jnp.pad(a, ((0, 0), (1, 1), (1, 1), (0, 0))) for a in (x, x_tilde))
+    gram, cross = [], []
+    for i, j in np.ndindex(3, 3):
+        window = (slice(None), slice(i, i + size[0]), slice(j, j + size[1]))
+        gram.append(_correlate(padded_tilde, padded_tilde[window]))
+        cross.append(_correlate(padded_tilde, padded[window]))
+
+    def matrix(columns):  # (C, 3, 3, C') blocks -> (9C, 9C)
+        return jnp.concatenate(
+            [jnp.transpose(c, (1, 2, 0, 3)).reshape(-1, c.shape[-1]) for c in columns], axis=1
+        )
+
+    return matrix(gram), matrix(cross)
+
+
+@jax.jit
+def displacement_correlations(x, x_tilde):
+    """The 5 × 5 displacement correlations of X~ with X~ and with X (one XLA convolution each);
+    without the border corrections that would turn them into G and H."""
+    padded_tilde = jnp.pad(x_tilde, ((0, 0), (2, 2), (2, 2), (0, 0)))
+    return _correlate(padded_tilde, x_tilde), _correlate(padded_tilde, x)
+
+
+def bench_conv_statistics(images, cin, size, rounds):
+    """Interleaved times of the three ways to the conv layer's statistics; prints the table."""
+    x, x_tilde = conv_images(images, cin, size)
+    geometry = ConvGeometry((3, 3))
+    times = interleaved_times(
+        dict(
+            patches=lambda: patch_statistics(x, x_tilde, geometry),
+            offsets=lambda: offset_convolutions(x, x_tilde),
+            displacements=lambda: displacement_correlations(x, x_tilde),
+        ),
+        rounds=rounds,
+    )
+    stats = patch_statistics(x, x_tilde, geometry)
+    gram, cross = offset_convolutions(x, x_tilde)
+    difference = max(
+        float(jnp.max(jnp.abs(a - b[0])) / jnp.max(jnp.abs(b[0])))
+        for a, b in ((gram, stats.gram), (cross, stats.cross))
+    )
+    print(
+        f"\nconv 3x3 {cin}→{cin} statistics (G and H), {images} images {size}x{size}, "
+        f"load average {os.getloadavg()[0]:.1f}; time / patches: best (per-round range)"
+    )
+    print("| statistics | time (s) | time / patches |")
+    print("|---|---|---|")
+    labels = dict(
+        patches="patches, chunked (qjax)",
+        offsets="9 XLA convolutions, one per window offset (exact)",
+        displacements="25 displacement correlations, no border corrections (lower bound)",
+    )
+    for name, label in labels.items():
+        print(f"| {label} | {min(times[name]):.3f} | {format_ratio(times, name, 'patches')} |")
+    print(f"9 convolutions vs patches: largest difference {difference:.1e} of the largest entry")
+
+
 def compiled_bytes(jitted, *args) -> int:
     """Arguments + outputs + temporaries of one compiled XLA program (its peak footprint)."""
     stats = jitted.lower(*args).compile().memory_analysis()
@@ -263,10 +367,19 @@ def main():
     parser.add_argument("--no-brevitas", action="store_true", help="skip the Brevitas part")
     parser.add_argument("--brevitas-batch", type=int, default=2000, help="rows per batch")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (Brevitas part)")
+    parser.add_argument(
+        "--conv-xla",
+        action="store_true",
+        help="only the conv statistics: patches against XLA convolutions",
+    )
     args = parser.parse_args()
     small = args.small
     dense = (2000, 196, 100) if small else (20_000, 784, 500)
     conv = (16, 32, 32, 16) if small else (256, 128, 128, 32)
+    if args.conv_xla:
+        images, cin, _, size = conv
+        bench_conv_statistics(images, cin, size, args.repeats)
+        return
 
     print(
         f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}"
