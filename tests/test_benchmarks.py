@@ -29,6 +29,25 @@ def test_gpfq_layer_benchmark_prints_its_ratios():
         assert f"| dense m=2000 N0=196 N1=100 | {method} |" in out
     assert re.search(r"\| conv 3x3 32→32, .* \| gpfq \| .* over 1 rounds\)", out), out
     assert "speed-up ×" in out
+    try:  # the Brevitas part: its rows, or the line saying it is skipped
+        import brevitas  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError:
+        assert "Brevitas: skipped (No module named" in out
+        return
+    for method in ("gpfq", "gptq", "qronos"):  # codes equal to Brevitas's, up to a few flips
+        row = re.search(rf"\| dense m=2000 N0=196 N1=100 \| {method} \| (\S+) \|", out)
+        assert row and float(row[1]) >= 0.99, out
+
+
+def test_gpfq_layer_benchmark_conv_statistics_agree():
+    out = run_benchmark("benchmarks.gpfq_layer", "--conv-xla", "--small", "--repeats=1")
+    for row in ("| patches, chunked (qjax) |", "| 9 XLA convolutions, one per window offset"):
+        assert row in out
+    difference = float(re.search(r"largest difference (\S+) of the largest entry", out)[1])
+    # Both are float32 sums of m = 16·16·16 products in different orders: within γ_m = m·2⁻²⁴
+    # of the largest entry (|G_ij| ≤ max_t G_tt, and likewise for H at these X~ ≈ X).
+    assert difference < 16**3 * 2.0**-24
 
 
 def test_export_benchmark_prints_its_table():
