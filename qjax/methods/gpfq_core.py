@@ -376,10 +376,21 @@ class GPFQ(QuantizationMethod):
 
 
 @functools.partial(jax.jit, static_argnames=("dead_tol",))
-@functools.partial(jax.jit, static_argnames=("dead_tol",))
 def gpfq_residual(
     w: jax.Array, x: jax.Array, x_tilde: jax.Array, alphabet: AnyAlphabet, *, dead_tol: float
 ) -> jax.Array:
+    """GPFQ in the paper's residual form, u_t carried per neuron (memory m per neuron).
+
+    Args:
+      w: weights W, shape (N0, N1).
+      x: X, shape (m, N0).
+      x_tilde: X~, shape (m, N0).
+      alphabet: the alphabet A, scalar, (N1,) (per neuron) or group-wise parameters.
+      dead_tol: inputs with ||X~_t||² <= dead_tol·max_s ||X~_s||² are dead: q_t = Q(0).
+
+    Returns:
+      Q, shape (N0, N1).
+    """
     dead = _dead_inputs(jnp.sum(x_tilde * x_tilde, axis=0), dead_tol)
     quantize = jax.vmap(_neuron_residual, in_axes=(1, None, None, None, 0), out_axes=1)
     return quantize(w, x, x_tilde, dead, _per_neuron(alphabet, w.shape[1]))
