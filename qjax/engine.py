@@ -1021,7 +1021,8 @@ def quantize_model(
 
 
 def format_report(reports: Sequence[LayerReport]) -> str:
-    """A Markdown table of `quantize_model`'s per-layer report."""
+    """A Markdown table of `quantize_model`'s per-layer report, and one of its blocks (time and
+    memory of each block's pass) when it was quantized block by block."""
     lines = [
         "| layer | kind | kernel | method | letters | rel. error | MSQ rel. error | time (s) |",
         "|---|---|---|---|---|---|---|---|",
@@ -1033,4 +1034,11 @@ def format_report(reports: Sequence[LayerReport]) -> str:
             f"{r.num_letters or '–'} | {fmt(r.relative_error)} | {fmt(r.msq_relative_error)} | "
             f"{r.seconds:.1f} |"
         )
+    blocks = list(dict.fromkeys(r.block for r in reports if r.block is not None))
+    if blocks:
+        lines += ["", "| block | layers | time (s) | memory (MiB) |", "|---|---|---|---|"]
+        lines += [
+            f"| {b.path} | {b.layers} | {b.seconds:.1f} | {b.memory_bytes / 2**20:.1f} |"
+            for b in blocks
+        ]
     return "\n".join(lines)
