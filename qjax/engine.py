@@ -558,9 +558,19 @@ class _LayerStep:
         q, _, errors = self.quantize(matrix, stats, c=data)
         return self.kind.from_matrix(q), errors
 
+    def add(self, stats: GramStats, x: jax.Array, x_tilde: jax.Array) -> GramStats:
+        """One batch's X and X~ (the layer's inputs) added to the statistics, on the host: as
+        one compiled program, or over the mesh of `stats` (`gram_stats_update`)."""
+        if stats.per_device:  # this process's rows, split over the mesh's devices
+            return gram_stats_update(stats, _rows(self.kind, x), _rows(self.kind, x_tilde))
+        return _add_rows(self.program, stats, x, x_tilde)
+
     def _accumulate(self, stats: GramStats, x: jax.Array, x_tilde: jax.Array) -> GramStats:
+        """The rows of X and X~ (all or a batch of examples) added to the statistics
+        (traceable); a convolution's patches a few examples at a time."""
         if not isinstance(self.kind, Conv | ConvByChannel):
-            return accumulate(stats, self.kind.rows(x), self.kind.rows(x_tilde))
+            rows = self.kind.rows(x)
+            return accumulate(stats, rows, rows if x_tilde is x else self.kind.rows(x_tilde))
         examples = x.shape[0]
         per_example = self.kind.rows(x[:1]).shape[-2]
         chunk = max(
@@ -597,9 +607,9 @@ def _rows(kind: LayerKind, x) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
-def _add_rows(kind: LayerKind, stats: GramStats, x, x_tilde) -> GramStats:
-    """Rows of one batch's X and X~ folded into the statistics, as one compiled program."""
-    return accumulate(stats, kind.rows(x), kind.rows(x_tilde))
+def _add_rows(step: _LayerStep, stats: GramStats, x, x_tilde) -> GramStats:
+    """`_LayerStep._accumulate` of one batch, as one compiled program."""
+    return step._accumulate(stats, x, x_tilde)
 
 
 def _steps(found: Sequence[Layer], table: Rules) -> dict[str, _LayerStep]:
@@ -1001,10 +1011,7 @@ def quantize_model(
         for batch in batches:
             x = adapter.inputs(float_state, layer, index, batch)
             x_tilde = adapter.inputs(current, layer, index, batch) if sequential else x
-            if mesh is None:
-                stats = _add_rows(kind, stats, x, x_tilde)
-            else:  # this process's rows, split over the mesh's devices
-                stats = gram_stats_update(stats, _rows(kind, x), _rows(kind, x_tilde))
+            stats = step.add(stats, x, x_tilde)
         # With a mesh, all of Q on this process, for the next forward passes.
         try:
             q, alphabet, errors = step.quantize(
