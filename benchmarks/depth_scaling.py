@@ -106,9 +106,10 @@ def main() -> None:
     print("| schedule | blocks | kernels | time (s) | peak RSS (MiB) | block pass (MiB) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
+        block = f"{r['block_mib']:.1f}" if r["block_mib"] else "–"
         print(
             f"| {r['schedule']} | {r['depth']} | {r['layers']} | {r['seconds']:.1f} | "
-            f"{r['peak_rss_mib']:.0f} | {r['block_mib']:.1f} |"
+            f"{r['peak_rss_mib']:.0f} | {block} |"
         )
     print()
     for schedule in ("block_wise", "one_pass"):

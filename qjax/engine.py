@@ -880,7 +880,7 @@ def quantize_model(
         for a CPU): then "block_wise"; "layer_by_layer" for a function of batches (streamed
         data) or a mesh.
       offload: block-wise: keep the cached block inputs in host memory (moved to the device
-        one block at a time) instead of device memory.
+        one block at a time) instead of device memory. With "auto", it asks for "block_wise".
       one_pass: the former spelling of `schedule` (True: "one_pass", False:
         "layer_by_layer"); give one of the two.
       sequential: True (the GPFQ paper's order): layer l sees X~ from the model whose layers
@@ -945,6 +945,8 @@ def quantize_model(
 
     units = _in_forward_order(found)
     blocks = None
+    if schedule == "auto" and offload:
+        schedule = "block_wise"
     if schedule == "auto":
         joinable = mesh is None and not batches.streamed
         schedule = (
@@ -965,9 +967,9 @@ def quantize_model(
                 f"schedule='block_wise' needs a model built of a chain of blocks, and "
                 f"{type(model).__name__} has none: blocks are sibling submodules of one class (a "
                 "list or nnx.List of them, a Linen list attribute), each called once on the "
-                "previous one's output with the same other arguments, owning quantizable "
-                "layers (scanned stacks are not split); give schedule='one_pass' or "
-                "'layer_by_layer'"
+                "previous one's output with the same other arguments, returning one array "
+                "shaped like its input, owning quantizable layers (scanned stacks are not "
+                "split); give schedule='one_pass' or 'layer_by_layer'"
             )
     if schedule in ("one_pass", "block_wise"):
         if mesh is not None:
