@@ -753,10 +753,11 @@ def _block_wise(
         )
         logging.info("block %s: %.1fs, %.1f MiB", block.path, block.seconds, memory / 2**20)
         reports += [row._replace(block=block) for row in rows]
-    after = [path for path in blocks.after if path in steps]
-    if after:
+    inside = {path for paths in (blocks.before, *blocks.layers) for path in paths}
+    after = [layer.path for layer in found if layer.path not in inside]  # uncalled ones too
+    if any(path in steps for path in after):
         rows, _ = segment(
-            blocks.after,
+            after,
             lambda programs, data: adapter.paired_pass(
                 list(found),
                 programs,
@@ -771,7 +772,7 @@ def _block_wise(
         rows = [
             _skipped(layer, index, adapter.kernel(current, layer))
             for layer, index in units
-            if layer.path in set(blocks.after)
+            if layer.path in set(after)
         ]
     return current, reports + rows
 

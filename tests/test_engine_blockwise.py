@@ -3,6 +3,10 @@ NumPy reference), on NNX and Linen decoders built of a list of blocks called wit
 positions, with the block inputs cached on the device or on the host; its choice by
 `schedule="auto"`, one compiled pass per block structure, and its errors."""
 
+import pathlib
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -227,6 +231,11 @@ def test_auto_picks_block_wise_when_one_pass_would_not_fit(monkeypatch):
     model, batches = NNXDecoder(nnx.Rngs(0)), _batches()
     one, one_reports = qjax.quantize_model(model, batches, spec=SPEC, progress=False)
     assert all(r.block is None for r in one_reports)
+    offloaded, reports = qjax.quantize_model(
+        model, batches, spec=SPEC, offload=True, progress=False
+    )  # asks for block-wise
+    assert sum(r.block is not None for r in reports) == 3 * BLOCKS
+    _assert_same(offloaded, reports, one, one_reports)
     monkeypatch.setattr(engine, "_one_pass_budget", lambda: 1024)
     result, reports = qjax.quantize_model(model, batches, spec=SPEC, progress=False)
     assert sum(r.block is not None for r in reports) == 3 * BLOCKS
@@ -253,7 +262,8 @@ def test_one_pass_activation_estimate():
 
 def test_llama_blocks_are_found_and_quantized_as_layer_by_layer():
     """qjax.models.llama.Llama: every projection of every decoder layer in a block, the head
-    after them; the codes of the one-pass schedule (itself equal to layer by layer)."""
+    after them; the codes of the one-pass schedule (itself equal to layer by layer), with a
+    layer inside a block and the head kept float."""
     config = LlamaConfig(
         vocab_size=32,
         hidden_size=16,
@@ -264,19 +274,23 @@ def test_llama_blocks_are_found_and_quantized_as_layer_by_layer():
     )
     model = Llama(config, rngs=nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(0), (3, 8), 0, 32)
-    spec = LayerSpec(method="gpfq", bits=4, group_size=8)
-    expected, expected_reports = qjax.quantize_model(
-        model, tokens, spec=spec, schedule="one_pass", progress=False
+    rules = [("layers/1/mlp/up_proj|lm_head", LayerSpec(method="skip"))]
+    run = lambda schedule: qjax.quantize_model(
+        model,
+        tokens,
+        spec=LayerSpec(method="gpfq", bits=4, group_size=8),
+        rules=rules,
+        schedule=schedule,
+        progress=False,
     )
-    result, reports = qjax.quantize_model(
-        model, tokens, spec=spec, schedule="block_wise", progress=False
-    )
-    _assert_same(result, reports, expected, expected_reports)
+    result, reports = run("block_wise")
+    _assert_same(result, reports, *run("one_pass"))
     assert [r.block.path if r.block else None for r in reports] == [
         *["layers/0"] * 7,
         *["layers/1"] * 7,
         None,
     ]
+    assert [r.method for r in reports].count("skip") == 2
 
 
 class _Unchained(nnx.Module):
@@ -291,8 +305,9 @@ class _Unchained(nnx.Module):
 
 def test_clear_errors():
     x = jnp.ones((4, 16))
-    with pytest.raises(ValueError, match="needs a model built of a chain of blocks"):
-        qjax.quantize_model(_Unchained(nnx.Rngs(0)), x, schedule="block_wise", progress=False)
+    for kwargs in ({"schedule": "block_wise"}, {"offload": True}):
+        with pytest.raises(ValueError, match="needs a model built of a chain of blocks"):
+            qjax.quantize_model(_Unchained(nnx.Rngs(0)), x, progress=False, **kwargs)
     with pytest.raises(ValueError, match="give schedule= or its former spelling one_pass="):
         qjax.quantize_model(_Unchained(nnx.Rngs(0)), x, schedule="one_pass", one_pass=True)
     with pytest.raises(ValueError, match="schedule must be one of"):
@@ -307,3 +322,19 @@ def test_clear_errors():
             mesh=qjax.make_mesh(),
             progress=False,
         )
+
+
+@pytest.mark.slow
+def test_depth_scaling_benchmark_prints_its_table():
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.depth_scaling", "--small"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    ).stdout
+    assert "| block_wise | 4 | 29 |" in out
+    assert "| one_pass | 2 | 15 |" in out
+    assert "block_wise: time 4/2 blocks = " in out
