@@ -953,13 +953,13 @@ def quantize_model(
         schedule = (
             "one_pass" if joinable and all(map(batches.aligned, batches)) else "layer_by_layer"
         )
-        if schedule == "one_pass":
-            calls = adapter.module_calls(first)
-            blocks = find_blocks(calls, found)
+        calls = adapter.module_calls(first) if schedule == "one_pass" else []
+        blocks = find_blocks(calls, found)
+        if blocks is not None:
             fed = list(batches)
             scale = sum(_examples(b) for b in fed) / _examples(fed[0])
             needed = _one_pass_bytes(calls, found, scale, sequential=sequential)
-            if blocks is not None and needed > _one_pass_budget():
+            if needed > _one_pass_budget():
                 schedule = "block_wise"
     elif schedule == "block_wise":
         blocks = find_blocks(adapter.module_calls(first), found)

@@ -6,9 +6,11 @@ layer's path is its attribute path in the module graph, e.g. "blocks/attn/query"
 "layers/0/mlp/fc1" (the same names as in `nnx.state(module)`, without "kernel").
 
 The adapter never touches the user's module: it works on a copy in evaluation mode
-(`Module.eval()`: dropout off, BatchNorm on running statistics), in which every quantizable
-layer carries its path as a static attribute, so that the layer can be recognised inside
-`nnx.scan`, where NNX rebuilds modules from their graph definition.
+(`Module.eval()`: dropout off, BatchNorm on running statistics), in which every module carries
+its path as a static attribute, so that a layer or a block can be recognised inside compiled
+passes and `nnx.scan`, where NNX rebuilds modules from their graph definition. A block run
+alone carries paths relative to itself, so that blocks of one structure have one graph
+definition and share one compiled pass.
 """
 
 from __future__ import annotations
@@ -175,10 +177,11 @@ class NNXAdapter(Adapter):
         self._params: dict[str, str] = {}
         self._modules: dict[str, tuple[Any, ...]] = {}  # of every module (blocks among them)
         for keypath, sub in _tagged(copy):
-            self._modules[sub._qjax_path] = tuple(keypath)
+            name = path_name(keypath)
+            self._modules[name] = tuple(keypath)
             if hasattr(sub, _param(sub)):
-                self._paths[sub._qjax_path] = tuple(keypath)
-                self._params[sub._qjax_path] = _param(sub)
+                self._paths[name] = tuple(keypath)
+                self._params[name] = _param(sub)
         self.graphdef, self._state = nnx.split(copy)
         self._graphdef = Static(self.graphdef)
         self.call = call
