@@ -37,7 +37,7 @@ from qjax import (
     transforms,
 )
 from qjax.batchnorm import reestimate_batch_stats
-from qjax.engine import LayerReport, format_report, quantize_model
+from qjax.engine import BlockReport, LayerReport, format_report, quantize_model
 from qjax.layers import register_layer
 from qjax.methods import (
     GPFQ,
@@ -81,6 +81,7 @@ __all__ = [
     "GPFQ",
     "GPTQ",
     "MSQ",
+    "BlockReport",
     "GramStats",
     "LayerReport",
     "LayerSpec",
