@@ -4,6 +4,7 @@
   ships with qjax ("char"), a `.npy` file of ids, or a text file tokenized with the checkpoint's
   own tokenizer (transformers' `AutoTokenizer`).
 * `calibration_batches`: random windows of a stream, in batches, for `qjax.quantize_model`.
+* `make_method`: a method by name with its defaults, its relative damping set when given.
 * `quantize_checkpoint`: a Hugging Face checkpoint → `qjax.quantize_model` → a `pack-quantized`
   compressed-tensors checkpoint plus `report.json` / `report.md` (per-layer relative errors,
   time, peak host memory).
@@ -29,7 +30,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from qjax import data
+from qjax import data, methods
 from qjax.engine import format_report, quantize_model
 from qjax.models import llama, transformer
 from qjax.rules import LayerSpec, Rules, unmatched_patterns
@@ -38,6 +39,7 @@ __all__ = [
     "calibration_batches",
     "load_model",
     "load_tokens",
+    "make_method",
     "perplexity",
     "quantize_checkpoint",
 ]
@@ -93,6 +95,29 @@ def calibration_batches(
     )
     windows = np.asarray(windows[:, :-1])
     return [windows[i : i + batch_size] for i in range(0, num_samples, batch_size)]
+
+
+def make_method(name: str, *, damping: float | None = None) -> methods.QuantizationMethod:
+    """The method `name` ("gpfq", "gptq", "qronos", "msq") with its defaults.
+
+    Args:
+      name: the method's name.
+      damping: the relative damping of a least-squares method: GPTQ's λ (added as
+        λ·mean(diag G) to G's diagonal) or Qronos's α (λ = α·||X~ᵀX~||₂); None keeps the
+        method's default.
+
+    Returns:
+      The method object.
+    """
+    method = methods.get(name)
+    if damping is None:
+        return method
+    if "damping" not in {f.name for f in dataclasses.fields(method)}:
+        with_damping = [
+            n for n in methods.names() if "damping" in dataclasses.asdict(methods.get(n))
+        ]
+        raise ValueError(f"method {name!r} has no damping; only {', '.join(with_damping)} take one")
+    return dataclasses.replace(method, damping=damping)
 
 
 def perplexity(model: nnx.Module, tokens: np.ndarray, *, seq_len: int, batch_size: int) -> float:
@@ -215,6 +240,7 @@ def quantize_checkpoint(
         ],  # the alphabets are in the checkpoint
     }
     report["spec"]["method"] = spec.method_name
+    report["spec"]["method_options"] = dataclasses.asdict(spec.quantizer)  # damping, block size
     with open(os.path.join(output_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     with open(os.path.join(output_dir, "report.md"), "w") as f:

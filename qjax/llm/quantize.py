@@ -1,7 +1,7 @@
 """Quantize a Hugging Face Llama-family checkpoint into a compressed-tensors checkpoint.
 
     python -m qjax.llm.quantize --model_dir=path/to/model --output_dir=path/to/out \
-        --method=gptq --bits=4 --group_size=128 --grid=signed \
+        --method=gptq --bits=4 --group_size=128 --grid=signed [--damping=0.01] \
         --calibration=ptb --num_samples=128 --seq_len=2048
 
 writes `output_dir/` (config.json with its quantization_config, model.safetensors: a
@@ -28,6 +28,11 @@ flags.DEFINE_enum(
     ["signed", "asymmetric"],
     "signed: {-2^(b-1)..2^(b-1)-1}·s; asymmetric: (k-z)·s.",
 )
+flags.DEFINE_float(
+    "damping",
+    None,
+    "Relative damping of gptq (λ·mean(diag G)) or qronos (α·||X~ᵀX~||₂); unset: the default.",
+)
 flags.DEFINE_float("c", None, "Scale constant C (1: absmax/min-max); unset: MSE-optimal per group.")
 flags.DEFINE_string(
     "calibration", "ptb", "Calibration tokens: 'ptb', 'char', a .npy of ids or a text file."
@@ -46,6 +51,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError("Too many command-line arguments.")
     logging.set_verbosity(logging.INFO)
+    try:
+        method = pipeline.make_method(FLAGS.method, damping=FLAGS.damping)
+    except ValueError as e:
+        raise app.UsageError(f"--damping: {e}") from e
     config = llama.LlamaConfig.from_hf(llama.read_config(FLAGS.model_dir))
     seq_len = min(FLAGS.seq_len, config.max_position_embeddings)
     tokens = pipeline.load_tokens(
@@ -59,7 +68,7 @@ def main(argv):
         seed=FLAGS.seed,
     )
     spec = LayerSpec(
-        method=FLAGS.method,
+        method=method,
         bits=FLAGS.bits,
         c=FLAGS.c,
         rule="max",
