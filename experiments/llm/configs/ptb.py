@@ -55,6 +55,8 @@ def get_config() -> ml_collections.ConfigDict:
             "group_sizes": (128, 0),  # 0: one scale per output channel
             "grid": "signed",  # {-2^(b-1)..2^(b-1)-1}·s, what transformers loads
             "c": None,  # None: the MSE-best C per scale group; 1.0: absmax
+            # Qronos's α (λ = α·||X~ᵀX~||₂); None: its default 1e-6.
+            "qronos_damping": None,
             "num_samples": 128,
             "batch_size": 32,
         }
