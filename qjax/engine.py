@@ -9,11 +9,16 @@ A framework adapter (`qjax.adapters`: Linen, NNX) finds the layers and captures 
 layer kind (`qjax.layers`) turns them into rows, summed into the layer's `GramStats` (X~ᵀX~,
 X~ᵀX, XᵀX); the layer's method (`qjax.methods`: GPFQ, GPTQ, MSQ, ...) quantizes its weight
 matrix from them, and the new kernel is written back. The engine asks neither which framework
-nor which method it drives. Two schedules, the same codes:
+nor which method it drives. Three schedules, the same codes:
 
 * one pass: the float and the quantized model run side by side (the two members of a
   `jax.vmap`) in one compiled program over all calibration examples, each layer quantized
   inside it as the pass reaches it (`_LayerStep`, `Adapter.paired_pass`);
+* block by block, for a model built of a chain of blocks (`qjax.adapters.base.find_blocks`):
+  the same paired pass up to the first block, whose inputs X and X~ for all calibration
+  examples are cached; then a paired pass of each block alone on its cached inputs (one
+  compiled program for blocks of one structure), whose outputs are the next block's inputs;
+  then of the model after the last block;
 * layer by layer: for each layer, X and X~ are captured batch by batch and streamed into the
   statistics, so the calibration set never has to fit in memory (also over a device mesh).
 
@@ -30,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -45,7 +51,17 @@ from jax.sharding import Mesh
 from jax.typing import ArrayLike
 from tqdm.auto import tqdm
 
-from qjax.adapters.base import Adapter, Layer, ModelCall, PairedPass, Static, call_error
+from qjax.adapters.base import (
+    Adapter,
+    Blocks,
+    Layer,
+    ModelCall,
+    ModuleCall,
+    PairedPass,
+    Static,
+    call_error,
+    find_blocks,
+)
 from qjax.adapters.linen import LinenAdapter
 from qjax.adapters.nnx import NNXAdapter
 from qjax.layers import Conv, ConvByChannel, LayerKind
@@ -59,11 +75,31 @@ from qjax.stats import (
     relative_error,
 )
 
-__all__ = ["LayerReport", "format_report", "quantize_model"]
+__all__ = ["SCHEDULES", "BlockReport", "LayerReport", "format_report", "quantize_model"]
+
+SCHEDULES = ("auto", "one_pass", "layer_by_layer", "block_wise")
 
 Batch = ArrayLike | tuple | Mapping[str, ArrayLike] | Any
 Calibration = Batch | list[Batch] | Callable[[], Iterable[Batch]]
 RulesLike = Sequence[tuple[str, LayerSpec]] | Mapping[str, LayerSpec]
+
+
+class BlockReport(NamedTuple):
+    """One block of the block-wise schedule.
+
+    Attributes:
+      path: the block's path ("layers/3").
+      layers: how many layers (slices) it holds.
+      seconds: wall time of its paired pass (compilation included for the first block of a
+        structure) and of caching its outputs.
+      memory_bytes: the memory of its compiled pass as XLA plans it: arguments (the block's
+        weights, its cached inputs X and X~), outputs and temporaries.
+    """
+
+    path: str
+    layers: int
+    seconds: float
+    memory_bytes: int
 
 
 class LayerReport(NamedTuple):
@@ -88,6 +124,7 @@ class LayerReport(NamedTuple):
       alphabet: the alphabet the layer's weight matrix was quantized to (its scales per tensor,
         channel or group, and its letters), as `LayerSpec.make_alphabet` gives it for the
         kernel (slice) in `kind`'s matrix form; None when skipped.
+      block: the block the layer was quantized in (block-wise schedule), or None.
     """
 
     path: str
@@ -99,6 +136,7 @@ class LayerReport(NamedTuple):
     msq_relative_error: float | None
     seconds: float
     alphabet: Any = None
+    block: BlockReport | None = None
 
 
 _INPUTS_ONLY = (
@@ -272,6 +310,27 @@ class _Batches:
                     + f": {_INPUTS_ONLY}"
                 )
         del bound
+
+
+def _examples(fed: tuple[Any, Any]) -> int:
+    """The number of examples of a checked batch (its first array's leading axis)."""
+    return jax.tree.leaves(fed[0])[0].shape[0]
+
+
+def _joined(fed: list[tuple[Any, Any]], schedule: str) -> tuple[Any, Any]:
+    """The checked batches as one, joined along their example axis."""
+    if len(fed) == 1:
+        return fed[0]
+    for index, batch in enumerate(fed):
+        if len({leaf.shape[0] for leaf in jax.tree.leaves(batch[0])}) != 1:
+            raise ValueError(
+                f"schedule={schedule!r} joins the calibration batches along their first axis, "
+                f"but the arrays of batch {index} have different first axes "
+                f"{[leaf.shape for leaf in jax.tree.leaves(batch[0])]}: give "
+                "schedule='layer_by_layer' (or one batch)"
+            )
+    joined = jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *[b[0] for b in fed])
+    return joined, fed[0][1]
 
 
 def _adapter(model, args, call: ModelCall) -> tuple[Adapter, Calibration]:
@@ -543,44 +602,48 @@ def _add_rows(kind: LayerKind, stats: GramStats, x, x_tilde) -> GramStats:
     return accumulate(stats, kind.rows(x), kind.rows(x_tilde))
 
 
-def _in_one_pass(
-    adapter: Adapter,
-    found: Sequence[Layer],
-    units: Sequence[tuple[Layer, tuple[int, ...]]],
-    table: Rules,
-    batch: jax.Array,
-    *,
-    sequential: bool,
-    progress: bool,
-) -> tuple[Any, list[LayerReport]]:
-    """`quantize_model` as one paired forward pass over all calibration examples at once."""
+def _steps(found: Sequence[Layer], table: Rules) -> dict[str, _LayerStep]:
+    """The step of every layer that is not skipped, by path."""
     steps = {}
     for layer in found:
         spec = table.spec_for(layer.path)
         if not spec.skip:
             steps[layer.path] = _LayerStep(spec, spec.layer_kind(layer.kind))
+    return steps
+
+
+def _in_paired_pass(
+    adapter: Adapter,
+    units: Sequence[tuple[Layer, tuple[int, ...]]],
+    steps: Mapping[str, _LayerStep],
+    run: Callable[[dict, dict], tuple],
+    bar: Any,
+) -> tuple[Any, list[LayerReport], tuple]:
+    """Runs one paired pass, `run(programs, data) -> (state, errors by path, *more)` with the
+    steps of `units`' layers, and reports them (and those of `units` that are skipped).
+
+    A layer's time is the time since the previous layer of the pass was done (since the pass
+    began for the first one); `bar`, if given, advances by one per layer.
+    """
+    paths = list(dict.fromkeys(layer.path for layer, _ in units if layer.path in steps))
     todo = sum(layer.path in steps for layer, _ in units)
     finished: list[float] = []
-    bar = tqdm(total=todo, desc="quantizing layers in one pass", disable=not progress)
 
     def layer_done(errors):
         finished.append(time.perf_counter())
-        bar.update()
+        if bar is not None:
+            bar.update()
 
     start = time.perf_counter()
     PairedPass.listener = layer_done
     try:
-        state, errors_by_path = adapter.paired_pass(
-            list(found),
-            {path: step.program for path, step in steps.items()},
-            batch,
-            sequential=sequential,
-            data={path: step.data for path, step in steps.items()},
+        state, errors_by_path, *more = run(
+            {path: steps[path].program for path in paths},
+            {path: steps[path].data for path in paths},
         )
         jax.effects_barrier()
     finally:
         PairedPass.listener = None
-        bar.close()
     if len(finished) == todo:
         times = np.diff([start, *finished])
     else:  # progress callbacks are best effort: share the time out evenly
@@ -598,7 +661,134 @@ def _in_one_pass(
         errors = errors_by_path[layer.path][index]
         reports.append(_quantized(layer, index, step, kernel, alphabet, errors, times[done]))
         done += 1
+    return state, reports, tuple(more)
+
+
+def _in_one_pass(
+    adapter: Adapter,
+    found: Sequence[Layer],
+    units: Sequence[tuple[Layer, tuple[int, ...]]],
+    table: Rules,
+    batch: Any,
+    *,
+    sequential: bool,
+    progress: bool,
+) -> tuple[Any, list[LayerReport]]:
+    """`quantize_model` as one paired forward pass over all calibration examples at once."""
+    steps = _steps(found, table)
+    todo = sum(layer.path in steps for layer, _ in units)
+    with tqdm(total=todo, desc="quantizing layers in one pass", disable=not progress) as bar:
+        state, reports, _ = _in_paired_pass(
+            adapter,
+            units,
+            steps,
+            lambda programs, data: adapter.paired_pass(
+                list(found), programs, batch, sequential=sequential, data=data
+            ),
+            bar,
+        )
     return state, reports
+
+
+def _block_wise(
+    adapter: Adapter,
+    found: Sequence[Layer],
+    units: Sequence[tuple[Layer, tuple[int, ...]]],
+    table: Rules,
+    batch: Any,
+    blocks: Blocks,
+    *,
+    sequential: bool,
+    progress: bool,
+    offload: bool,
+) -> tuple[Any, list[LayerReport]]:
+    """`quantize_model` block by block: a paired pass up to the first block caches its inputs
+    (X and X~ of every calibration example; on the host with `offload`), a paired pass of each
+    block alone quantizes its layers and gives the next block's inputs, and a paired pass of
+    the model after the last block (from its cached outputs) quantizes the layers there."""
+    steps = _steps(found, table)
+    by_path = {layer.path: layer for layer in found}
+    current = adapter.state
+    cache = jax.device_get if offload else (lambda tree: tree)
+
+    def segment(paths, run, bar=None):
+        nonlocal current
+        chosen = set(paths)
+        part = [(layer, index) for layer, index in units if layer.path in chosen]
+        state, reports, more = _in_paired_pass(adapter, part, steps, run, bar)
+        for path in chosen & set(steps):  # the kernels this pass quantized
+            layer = by_path[path]
+            current = adapter.with_kernel(current, layer, adapter.kernel(state, layer))
+        return reports, more
+
+    reports, (inputs,) = segment(
+        blocks.before,
+        lambda programs, data: adapter.paired_pass(
+            list(found), programs, batch, sequential=sequential, data=data, blocks=blocks
+        ),
+    )
+    inputs = cache(inputs)
+    for index in tqdm(range(len(blocks.paths)), desc="quantizing blocks", disable=not progress):
+        start = time.perf_counter()
+        rows, (outputs, memory) = segment(
+            blocks.layers[index],
+            lambda programs, data, index=index, inputs=inputs: adapter.block_pass(
+                blocks, index, programs, inputs, sequential=sequential, data=data
+            ),
+        )
+        inputs = [cache(outputs), *inputs[1:]]
+        jax.block_until_ready(inputs)
+        block = BlockReport(
+            blocks.paths[index], len(rows), time.perf_counter() - start, int(memory)
+        )
+        logging.info("block %s: %.1fs, %.1f MiB", block.path, block.seconds, memory / 2**20)
+        reports += [row._replace(block=block) for row in rows]
+    after = [path for path in blocks.after if path in steps]
+    if after:
+        rows, _ = segment(
+            blocks.after,
+            lambda programs, data: adapter.paired_pass(
+                list(found),
+                programs,
+                batch,
+                sequential=sequential,
+                data=data,
+                blocks=blocks,
+                carried=inputs[0],
+            ),
+        )
+    else:
+        rows = [
+            _skipped(layer, index, adapter.kernel(current, layer))
+            for layer, index in units
+            if layer.path in set(blocks.after)
+        ]
+    return current, reports + rows
+
+
+def _one_pass_budget() -> int:
+    """Bytes the automatic schedule lets one paired pass's activations take: a quarter of the
+    default device's memory (its `bytes_limit`), or of the host's physical memory where the
+    device does not report it (CPU)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    total = stats.get("bytes_limit") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(total) // 4
+
+
+def _one_pass_bytes(
+    calls: Sequence[ModuleCall], found: Sequence[Layer], scale: float, *, sequential: bool
+) -> int:
+    """An estimate of one paired pass's activation memory: every layer's input over the whole
+    calibration set (`scale` times the first batch's), twice when sequential (X and X~). A
+    stacked layer's input counts once per slice."""
+    layers = {layer.path: layer for layer in found}
+    total = 0
+    for c in calls:
+        layer = layers.get(c.path)
+        if layer is not None and c.args and hasattr(c.args[0], "shape"):
+            slices = int(np.prod(layer.stack_shape, dtype=np.int64))
+            total += int(np.prod(c.args[0].shape)) * c.args[0].dtype.itemsize * slices
+    return int(total * scale * (2 if sequential else 1))
 
 
 def quantize_model(
@@ -610,6 +800,8 @@ def quantize_model(
     apply_kwargs: Mapping[str, Any] | None = None,
     call: Callable[[Any, Any], Any] | None = None,
     mesh: Mesh | None = None,
+    schedule: str | None = None,
+    offload: bool = False,
     one_pass: bool | None = None,
     sequential: bool = True,
     progress: bool = True,
@@ -654,17 +846,33 @@ def quantize_model(
         The forward passes run where the model and the batches are. On several hosts
         (`jax.distributed`), every process passes its own calibration batches, the same number
         of them, and gets the whole quantized model.
-      one_pass: how the model is run.
-        True: one compiled forward pass of the float model and the model being quantized side
-        by side over all calibration examples at once, each layer quantized as the pass reaches
-        it (fast: one compilation, two model evaluations in all; memory: the activations of the
-        whole calibration set, twice).
-        False: layer by layer, batch by batch (memory bounded by one batch; two forward passes
-        per layer and batch, one compilation per layer).
-        None (default): one pass when the calibration is a batch or a list of batches whose
-        arrays all have the same number of examples, and no mesh is given; layer by layer for
-        a function of batches (streamed data) or a mesh.
-        Both give the same codes up to the rounding of the statistics' sums.
+      schedule: how the model is run; all give the same codes up to the rounding of the
+        statistics' sums.
+        "one_pass": one compiled forward pass of the float model and the model being quantized
+        side by side over all calibration examples at once, each layer quantized as the pass
+        reaches it (fast: one compilation, two model evaluations in all; memory: the
+        activations of the whole calibration set, twice).
+        "block_wise": for a model built of a chain of blocks (a Python list or `nnx.List` of
+        blocks, a Linen list attribute or `Block_0, Block_1, ...` submodules, each called on
+        the previous one's output; see `qjax.adapters.base.find_blocks`): the model is run up
+        to its first block and the block's inputs X and X~ over all calibration examples are
+        cached; each block then runs alone on them, quantizing its layers in one paired pass
+        (compiled once for blocks of one structure), and its outputs are the next block's
+        inputs; the layers after the last block are quantized from its outputs. O(L) block
+        evaluations; memory: one block's pass over the calibration set plus the cached inputs,
+        independent of depth. Per-block time and memory are in the reports (`block`).
+        "layer_by_layer": batch by batch (memory bounded by one batch; two forward passes per
+        layer and batch, one compilation per layer; also over a `mesh`).
+        None or "auto" (default): "one_pass" when the calibration is a batch or a list of
+        batches whose arrays all have the same number of examples and no mesh is given, unless
+        the model is built of blocks and the pass's activations (every layer's input over the
+        calibration set, twice) would exceed a quarter of the device's memory (of the host's
+        for a CPU): then "block_wise"; "layer_by_layer" for a function of batches (streamed
+        data) or a mesh.
+      offload: block-wise: keep the cached block inputs in host memory (moved to the device
+        one block at a time) instead of device memory.
+      one_pass: the former spelling of `schedule` (True: "one_pass", False:
+        "layer_by_layer"); give one of the two.
       sequential: True (the GPFQ paper's order): layer l sees X~ from the model whose layers
         before it are quantized. False: every layer is quantized from the float model's inputs
         (X~ = X; no correction of the earlier layers' errors), as qwix's GPTQ and many GPTQ
@@ -687,6 +895,15 @@ def quantize_model(
     """
     if rules is not None and layers is not None:
         raise ValueError("give rules= or its former name layers=, not both")
+    if one_pass is not None and schedule is not None:
+        raise ValueError("give schedule= or its former spelling one_pass=, not both")
+    if one_pass is not None:
+        schedule = "one_pass" if one_pass else "layer_by_layer"
+    schedule = schedule or "auto"
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if offload and schedule not in ("auto", "block_wise"):
+        raise ValueError(f"offload=True keeps the block-wise schedule's cache; not {schedule!r}")
     if call is not None and set(apply_kwargs or {}) - {"mutable"}:
         raise ValueError(
             f"with call=, pass the forward pass's keyword arguments in the call itself, not in "
@@ -717,28 +934,54 @@ def quantize_model(
         unreached.append(LayerReport(name, "?", "not reached", shape, None, None, None, 0))
 
     units = _in_forward_order(found)
-    if one_pass is None:
-        one_pass = mesh is None and not batches.streamed
-        if one_pass and not all(batches.aligned(b) for b in batches):
-            one_pass = False  # batches that cannot be joined along their example axis
-    if one_pass:
-        if mesh is not None:
-            raise ValueError("one_pass=True runs on one device: give mesh= with one_pass=False")
-        fed = list(batches)
-        if len(fed) > 1:
-            for index, batch in enumerate(fed):
-                if not batches.aligned(batch):
-                    raise ValueError(
-                        f"one_pass=True joins the calibration batches along their first axis, "
-                        f"but the arrays of batch {index} have different first axes "
-                        f"{[leaf.shape for leaf in jax.tree.leaves(batch[0])]}: give "
-                        "one_pass=False (or one batch)"
-                    )
-            joined = jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *[b[0] for b in fed])
-            fed = [(joined, fed[0][1])]
-        state, reports = _in_one_pass(
-            adapter, found, units, table, fed[0], sequential=sequential, progress=progress
+    blocks = None
+    if schedule == "auto":
+        joinable = mesh is None and not batches.streamed
+        schedule = (
+            "one_pass" if joinable and all(map(batches.aligned, batches)) else "layer_by_layer"
         )
+        if schedule == "one_pass":
+            calls = adapter.module_calls(first)
+            blocks = find_blocks(calls, found)
+            fed = list(batches)
+            scale = sum(_examples(b) for b in fed) / _examples(fed[0])
+            needed = _one_pass_bytes(calls, found, scale, sequential=sequential)
+            if blocks is not None and needed > _one_pass_budget():
+                schedule = "block_wise"
+    elif schedule == "block_wise":
+        blocks = find_blocks(adapter.module_calls(first), found)
+        if blocks is None:
+            raise ValueError(
+                f"schedule='block_wise' needs a model built of a chain of blocks, and "
+                f"{type(model).__name__} has none: blocks are sibling submodules of one class (a "
+                "list or nnx.List of them, a Linen list attribute), each called once on the "
+                "previous one's output with the same other arguments, owning quantizable "
+                "layers (scanned stacks are not split); give schedule='one_pass' or "
+                "'layer_by_layer'"
+            )
+    if schedule in ("one_pass", "block_wise"):
+        if mesh is not None:
+            raise ValueError(
+                f"schedule={schedule!r} runs on one device: give mesh= with "
+                "schedule='layer_by_layer'"
+            )
+        batch = _joined(list(batches), schedule)
+        if schedule == "one_pass":
+            state, reports = _in_one_pass(
+                adapter, found, units, table, batch, sequential=sequential, progress=progress
+            )
+        else:
+            state, reports = _block_wise(
+                adapter,
+                found,
+                units,
+                table,
+                batch,
+                blocks,
+                sequential=sequential,
+                progress=progress,
+                offload=offload,
+            )
         return adapter.result(state), reports + unreached
 
     float_state = adapter.state

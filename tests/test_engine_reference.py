@@ -444,7 +444,7 @@ def test_streamed_calibration_and_mesh_equal_the_numpy_reference(cnn, method):
         assert_engine_equals_reference(
             CNN_LAYERS, variables["params"], new["params"], x, method=method, alphabet=scaled(4)
         )
-    with pytest.raises(ValueError, match="one_pass=True runs on one device"):
+    with pytest.raises(ValueError, match="schedule=.one_pass. runs on one device"):
         qjax.quantize_model(
             model, variables, x, spec=spec, one_pass=True, mesh=qjax.make_mesh(), progress=False
         )

@@ -18,7 +18,12 @@ Two ways to drive a model, both given by every adapter:
   the engine's quantizer turn them and the kernel into Q, and hands member 0 the float kernel and
   member 1 the quantized one; the layers after it then see X~ computed with Q. The vmap keeps the
   two members apart whatever the model does across its batch axis. Not sequential (X~ = X: every
-  layer quantized from the float model's inputs), the pass is one plain float forward pass.
+  layer quantized from the float model's inputs), the pass is one plain float forward pass;
+* block by block (`paired_pass` with `blocks`, then `block_pass`): for a model built of a chain
+  of blocks (`find_blocks`), the same paired pass of the model up to its first block, caching
+  the block's inputs of both members; then of each block alone on its cached inputs, whose
+  outputs are the next block's inputs; then of the model after its last block, from the last
+  block's outputs.
 """
 
 from __future__ import annotations
@@ -42,14 +47,18 @@ from qjax.rules import path_name
 __all__ = [
     "PAIR_AXIS",
     "Adapter",
+    "BlockCall",
+    "Blocks",
     "InputChecks",
     "Layer",
     "LayerQuantizer",
     "ModelCall",
+    "ModuleCall",
     "PairedPass",
     "StackedInputs",
     "Static",
     "call_error",
+    "find_blocks",
     "paired_kernel",
     "run_paired",
 ]
@@ -187,6 +196,183 @@ class ModelCall:
             return self.hook.value(model, data)
         args, kwargs = data
         return model(*args, **kwargs, **shared, **self.keywords)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleCall:
+    """One module call seen while tracing a forward pass (`Adapter.module_calls`).
+
+    Attributes:
+      path: the module's path ("layers/3"; "" for the model itself).
+      type: the module's class.
+      depth: how many module calls enclose it.
+      args, kwargs: what it was called with (tracers for arrays).
+      output: what it returned.
+    """
+
+    path: str
+    type: type
+    depth: int
+    args: tuple
+    kwargs: dict
+    output: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockCall:
+    """How every block of a chain is called: `block(x, *rest, **kwargs)`, where x is one array
+    (the previous block's output) and the arrays among `rest` and `kwargs` (a mask, positions,
+    rotary tables) are the same for every block.
+
+    Attributes:
+      treedef: the structure of (args, kwargs).
+      arrays: how many array leaves it has (the first one is x).
+      statics: the other leaves (None-free Python values), as (leaf index, `Static`) pairs.
+    """
+
+    treedef: Any
+    arrays: int
+    statics: tuple[tuple[int, Static], ...]
+
+    @classmethod
+    def of(cls, args: tuple, kwargs: dict) -> BlockCall:
+        leaves, treedef = jax.tree.flatten((tuple(args), dict(kwargs)))
+        statics = tuple((i, Static(v)) for i, v in enumerate(leaves) if not _is_traced(v))
+        return cls(treedef, len(leaves) - len(statics), statics)
+
+    def arguments(self, arrays: list) -> tuple[tuple, dict]:
+        """(args, kwargs) of a block call from its array leaves (x first)."""
+        arrays, statics = iter(arrays), dict(self.statics)
+        leaves = [
+            statics[i].value if i in statics else next(arrays)
+            for i in range(self.arrays + len(self.statics))
+        ]
+        return jax.tree.unflatten(self.treedef, leaves)
+
+
+def _is_traced(value: Any) -> bool:
+    return isinstance(value, jax.Array | np.ndarray) or hasattr(value, "aval")
+
+
+def _array_leaves(args: tuple, kwargs: dict) -> list:
+    return [v for v in jax.tree.leaves((tuple(args), dict(kwargs))) if _is_traced(v)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+    """A model built of a chain of blocks, as `find_blocks` found it.
+
+    Attributes:
+      paths: the blocks' paths, in call order ("layers/0", "layers/1", ...).
+      call: how each block is called (`BlockCall`).
+      layers: per block, the paths of its layers, in call order.
+      before: the layers called before the first block (an input projection).
+      after: the layers called after the last block (a final head).
+    """
+
+    paths: tuple[str, ...]
+    call: BlockCall
+    layers: tuple[tuple[str, ...], ...]
+    before: tuple[str, ...]
+    after: tuple[str, ...]
+
+
+def _inside(path: str, block: str) -> bool:
+    return path.startswith(block + "/") if block else bool(path)
+
+
+def find_blocks(calls: list[ModuleCall], layers: list[Layer]) -> Blocks | None:
+    """The model's chain of blocks in a traced forward pass, or None.
+
+    A chain is a run of calls of sibling modules (one parent, one class; a Python list or an
+    `nnx.List` of blocks, a Linen list attribute, `Block_0, Block_1, ...`), each called once,
+    with nothing called between them at their level, each on the previous one's output (the
+    same object, no computation in between) and with the same other arguments, each returning
+    one array shaped as its input x, each owning quantizable layers and no stacked (scanned)
+    one, and every layer of the model called before the first block, inside one, or after the
+    last. The longest such chain of at least two blocks (the first of equal ones) is the one.
+    """
+    called = [layer for layer in layers if layer.problem != "is never called"]
+    layer_paths = {layer.path for layer in called}
+    ends = []
+    for i, c in enumerate(calls):  # the first call after c's own sub-calls
+        j = i + 1
+        while j < len(calls) and calls[j].depth > c.depth:
+            j += 1
+        ends.append(j)
+
+    def block_like(c: ModuleCall) -> bool:
+        leaves = jax.tree.leaves((tuple(c.args), dict(c.kwargs)))
+        x = c.args[0] if c.args else None
+        return (
+            c.path not in layer_paths
+            and bool(leaves)
+            and leaves[0] is x
+            and _is_traced(x)
+            and _is_traced(c.output)
+            and np.shape(c.output) == np.shape(x)
+            and c.output.dtype == x.dtype
+            and any(_inside(p, c.path) for p in layer_paths)
+        )
+
+    def follows(prev: ModuleCall, nxt: ModuleCall) -> bool:
+        parent = lambda c: c.path.rpartition("/")[0]
+        if not (
+            nxt.depth == prev.depth
+            and nxt.type is prev.type
+            and parent(nxt) == parent(prev)
+            and nxt.path != prev.path
+            and block_like(nxt)
+            and nxt.args[0] is prev.output
+        ):
+            return False
+        a, a_def = jax.tree.flatten((tuple(prev.args), dict(prev.kwargs)))
+        b, b_def = jax.tree.flatten((tuple(nxt.args), dict(nxt.kwargs)))
+        return a_def == b_def and all(
+            (u is v) if _is_traced(u) else Static(u) == Static(v)
+            for u, v in zip(a[1:], b[1:], strict=True)
+        )
+
+    best: list[int] = []
+    for start, c in enumerate(calls):
+        if not block_like(c):
+            continue
+        chain = [start]
+        while ends[chain[-1]] < len(calls) and follows(calls[chain[-1]], calls[ends[chain[-1]]]):
+            chain.append(ends[chain[-1]])
+        if len(chain) > max(len(best), 1):
+            best = chain
+    if not best:
+        return None
+    paths = tuple(calls[i].path for i in best)
+    if len(set(paths)) != len(paths):
+        return None
+    owner = [
+        next((k for k, p in enumerate(paths) if _inside(layer.path, p)), None) for layer in called
+    ]
+    if any(k is not None and layer.stack_shape for k, layer in zip(owner, called, strict=True)):
+        return None
+    inside = [k for k in owner if k is not None]
+    first = owner.index(0) if 0 in owner else None
+    last = len(owner) - owner[::-1].index(len(paths) - 1) if len(paths) - 1 in owner else None
+    if first is None or last is None or inside != sorted(inside):
+        return None
+    if any(k is None for k in owner[first:last]):
+        return None  # a layer outside the blocks called between them
+    per_block = [[] for _ in paths]
+    for k, layer in zip(owner, called, strict=True):
+        if k is not None:
+            per_block[k].append(layer.path)
+    if not all(per_block):
+        return None
+    head = calls[best[0]]
+    return Blocks(
+        paths,
+        BlockCall.of(head.args, head.kwargs),
+        tuple(map(tuple, per_block)),
+        tuple(layer.path for layer in called[:first]),
+        tuple(layer.path for layer in called[last:]),
+    )
 
 
 class InputChecks:
@@ -393,15 +579,48 @@ class Adapter(abc.ABC):
         *,
         sequential: bool,
         data: Mapping[str, Any],
-    ) -> tuple[Any, dict[str, np.ndarray]]:
+        blocks: Blocks | None = None,
+        carried: Any = None,
+    ) -> tuple[Any, dict[str, np.ndarray], Any]:
         """One forward pass on `batch` (`run_paired`) quantizing, in call order, every layer of
         `quantizers` (by path) with `paired_kernel`, given its quantizer's `data` (by path:
         arguments of the compiled pass, not part of it).
 
+        With `blocks`, no block runs: the first one's array arguments are captured, and it
+        returns `carried` (each member's output of the last block: the pass then reaches the
+        layers after the blocks) or its input x; every later block returns its input.
+
         Returns:
           (the float state with those layers' kernels quantized, {path: errors of shape
-          stack_shape + (3,)}).
+          stack_shape + (3,)}, the first block's array arguments of each member (pair axis
+          first when sequential) or None without `blocks`).
         """
+
+    @abc.abstractmethod
+    def block_pass(
+        self,
+        blocks: Blocks,
+        index: int,
+        quantizers: Mapping[str, LayerQuantizer],
+        inputs: list[jax.Array],
+        *,
+        sequential: bool,
+        data: Mapping[str, Any],
+    ) -> tuple[Any, dict[str, np.ndarray], jax.Array, int]:
+        """A paired pass of block `index` alone, on each member's array arguments `inputs`
+        (`BlockCall`; pair axis first when sequential), quantizing the layers of `quantizers`
+        (by their paths in the model). Blocks of one structure and specs share a compiled
+        program.
+
+        Returns:
+          (the float state with those layers' kernels quantized, {path: errors (3,)}, each
+          member's output of the block, the compiled pass's memory in bytes: arguments,
+          outputs and temporaries).
+        """
+
+    @abc.abstractmethod
+    def module_calls(self, batch: Any) -> list[ModuleCall]:
+        """Every module call of a traced forward pass on `batch`, in call order."""
 
     @abc.abstractmethod
     def result(self, state: Any) -> Any:
@@ -504,18 +723,43 @@ def compiled_per_spec(fn: Callable[..., Any]) -> Callable[..., Any]:
     def run(model, quantizers, call, sequential, state, batch, data):
         return compiled(model, quantizers, call, sequential)(state, batch, data)
 
+    def memory(model, quantizers, call, sequential, state, batch, data) -> int:
+        """Bytes of the compiled program (arguments, outputs, temporaries) as XLA plans them."""
+        lowered = compiled(model, quantizers, call, sequential).lower(state, batch, data)
+        stats = lowered.compile().memory_analysis()
+        if stats is None:
+            return 0
+        return int(
+            stats.argument_size_in_bytes
+            + stats.output_size_in_bytes
+            + stats.temp_size_in_bytes
+            - stats.alias_size_in_bytes
+        )
+
     run.cache_info = compiled.cache_info
+    run.memory = memory
     return run
 
 
-def run_paired(member: Callable[[Any], Any], state: Any, *, sequential: bool) -> Any:
-    """Runs `member(state)`, a forward pass whose layer calls use `paired_kernel`.
+def run_paired(
+    member: Callable[[Any, Any], tuple[Any, Any]],
+    state: Any,
+    paired: Any = None,
+    *,
+    sequential: bool,
+) -> tuple[Any, Any]:
+    """Runs `member(state, paired) -> (out, carried)`, a forward pass whose layer calls use
+    `paired_kernel`.
 
     Sequential: twice side by side, `jax.vmap` over a pair axis named `PAIR_AXIS` (member 0 the
-    float model, member 1 the model being quantized); returns member 1's outputs. Otherwise
-    once, the float model.
+    float model, member 1 the model being quantized), `state` shared and `paired` split along
+    its leading pair axis (each member's own inputs, e.g. a block's cached X and X~); returns
+    (member 1's `out`, both members' `carried` with the pair axis). Otherwise once, the float
+    model, on `paired` without a pair axis.
     """
     if not sequential:
-        return member(state)
-    out = jax.vmap(member, in_axes=None, axis_name=PAIR_AXIS, axis_size=2)(state)
-    return jax.tree.map(lambda leaf: leaf[1], out)
+        return member(state, paired)
+    out, carried = jax.vmap(member, in_axes=(None, 0), axis_name=PAIR_AXIS, axis_size=2)(
+        state, paired
+    )
+    return jax.tree.map(lambda leaf: leaf[1], out), carried

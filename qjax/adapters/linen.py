@@ -7,6 +7,7 @@ also when applied under `nn.scan` (stacked kernels). A layer's path is its modul
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping
 from typing import Any
@@ -19,9 +20,11 @@ import numpy as np
 from qjax import layers as kinds
 from qjax.adapters.base import (
     Adapter,
+    BlockCall,
     InputChecks,
     Layer,
     ModelCall,
+    ModuleCall,
     StackedInputs,
     Static,
     call_error,
@@ -29,6 +32,7 @@ from qjax.adapters.base import (
     paired_kernel,
     run_paired,
 )
+from qjax.adapters.base import _array_leaves as array_leaves
 from qjax.patches import ConvGeometry
 
 __all__ = ["LinenAdapter"]
@@ -82,6 +86,8 @@ class LinenAdapter(Adapter):
         self._variables = nn.meta.unbox(variables)
         self.mutable, self.call = call.pop("mutable", False)
         self._keys: dict[str, tuple[str, ...]] = {}
+        self._param: dict[str, str] = {}  # the kernel parameter's name, by layer path
+        self._definitions: dict[str, nn.Module] = {}  # unbound copies of the modules called
 
     @property
     def state(self):
@@ -121,7 +127,7 @@ class LinenAdapter(Adapter):
             if (*path, param) not in flat:
                 continue
             name = "/".join(path)
-            self._keys[name] = path
+            self._keys[name], self._param[name] = path, param
             found.append(
                 Layer.called(
                     name,
@@ -173,24 +179,80 @@ class LinenAdapter(Adapter):
         static = (self._model, paths, self.call, Static(self.mutable))
         return InputChecks.collect(lambda: _checking_pass(*static, self._variables, batch))
 
-    def paired_pass(self, layers, quantizers, batch, *, sequential, data):
+    def module_calls(self, batch) -> list[ModuleCall]:
+        calls: list[ModuleCall | None] = []
+        depth = [0]
+
+        def record(next_fun, args, kwargs, context):
+            if context.method_name != "__call__":
+                return next_fun(*args, **kwargs)
+            module = context.module
+            path = "/".join(module.path)
+            calls.append(None)
+            index = len(calls) - 1
+            depth[0] += 1
+            try:
+                out = next_fun(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+            calls[index] = ModuleCall(path, type(module), depth[0], args, kwargs, out)
+            if path not in self._definitions:
+                self._definitions[path] = module.clone(parent=None, name=None)
+            return out
+
+        with nn.intercept_methods(record):
+            jax.eval_shape(self.forward, self._variables, batch)
+        return [c for c in calls if c is not None]
+
+    def paired_pass(
+        self, layers, quantizers, batch, *, sequential, data, blocks=None, carried=None
+    ):
         todo = [layer for layer in layers if layer.path in quantizers]
-        out = _paired_pass(
+        run = _Whole(self.call, Static(self.mutable), blocks.paths if blocks else ())
+        out, captured = _paired_pass(
             self._model,
             tuple((self._keys[x.path], x.param, quantizers[x.path]) for x in todo),
-            (self.call, Static(self.mutable)),
+            run,
             sequential,
             self._variables,
-            batch,
+            (batch, carried),
             tuple(data[x.path] for x in todo),
         )
         current, errors = self._variables, {}
-        for layer in layers:
-            if layer.path in quantizers:
-                kernel, error = out[self._keys[layer.path]]
-                current = self.with_kernel(current, layer, kernel)
-                errors[layer.path] = np.asarray(error)
-        return current, errors
+        for layer in todo:
+            kernel, error = out[self._keys[layer.path]]
+            current = self.with_kernel(current, layer, kernel)
+            errors[layer.path] = np.asarray(error)
+        return current, errors, captured
+
+    def block_pass(self, blocks, index, quantizers, inputs, *, sequential, data):
+        root = tuple(blocks.paths[index].split("/"))
+        todo = [(path, self._keys[path]) for path in quantizers]
+        variables = {}
+        for collection, tree in self._variables.items():
+            node = tree
+            for key in root:
+                node = node.get(key) if isinstance(node, Mapping) else None
+            if node is not None:
+                variables[collection] = node
+        args = (
+            Static(self._definitions[blocks.paths[index]]),
+            tuple((keys[len(root) :], self._param[path], quantizers[path]) for path, keys in todo),
+            _Alone(blocks.call, Static(self.mutable)),
+            sequential,
+            variables,
+            (None, inputs),
+            tuple(data[path] for path, _ in todo),
+        )
+        out, outputs = _paired_pass(*args)
+        memory = _paired_pass.memory(*args)
+        current, errors = self._variables, {}
+        for path, keys in todo:
+            kernel, error = out[keys[len(root) :]]
+            layer = Layer(path, None, "", param=self._param[path])
+            current = self.with_kernel(current, layer, kernel)
+            errors[path] = np.asarray(error)
+        return current, errors, outputs, memory
 
     def result(self, state):
         """The variables, boxed as they were given (sharding names kept)."""
@@ -262,11 +324,59 @@ def _checking_pass(model, paths, call, mutable, variables, batch):
 _Q_NAME, _ERRORS_NAME = "_qjax_q", "_qjax_errors"
 
 
+def _with_params(mutable):
+    """The caller's mutable collections, and "params" (the kernels are swapped in)."""
+    if mutable is True:
+        return True
+    return ["params", *([mutable] if isinstance(mutable, str) else (mutable or []))]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Whole:
+    """A paired pass's forward computation: the whole model on a batch. With `blocks` (their
+    paths), no block runs (see `Adapter.paired_pass`): returns the first block's array
+    arguments."""
+
+    call: ModelCall
+    mutable: Static
+    blocks: tuple[str, ...] = ()
+
+    def __call__(self, model, variables, batch, carried):
+        captured = []
+
+        def stub(next_fun, args, kwargs, context):
+            path = "/".join(context.module.path)
+            if context.method_name != "__call__" or path not in self.blocks:
+                return next_fun(*args, **kwargs)
+            if path != self.blocks[0]:
+                return args[0]
+            captured.append(array_leaves(args, kwargs))
+            return args[0] if carried is None else carried
+
+        with nn.intercept_methods(stub):
+            _, mutated = _run(model, self.call, _with_params(self.mutable.value), variables, batch)
+        return (captured[0] if self.blocks else None), mutated
+
+
+@dataclasses.dataclass(frozen=True)
+class _Alone:
+    """A paired pass's forward computation: one block (an unbound copy) on its array
+    arguments; returns its output."""
+
+    call: BlockCall
+    mutable: Static
+
+    def __call__(self, model, variables, batch, inputs):
+        args, kwargs = self.call.arguments(inputs)
+        return model.apply(variables, *args, **kwargs, mutable=_with_params(self.mutable.value))
+
+
 @compiled_per_spec
-def _paired_pass(model, quantizers, call, sequential, variables, batch, data):
-    """`LinenAdapter.paired_pass` as one compiled program: {module path: (Q, errors)}. The
-    kernels are swapped in with `put_variable`, so the "params" collection is mutable during the
-    pass (also under `nn.scan`, whose variable axes then stack Q and the errors)."""
+def _paired_pass(model, quantizers, run, sequential, variables, inputs, data):
+    """`LinenAdapter.paired_pass` and `block_pass` as one compiled program: ({module path: (Q,
+    errors)}, what `run` returns). The kernels are swapped in with `put_variable`, so the
+    "params" collection is mutable during the pass (also under `nn.scan`, whose variable axes
+    then stack Q and the errors). `inputs` is (the batch, each member's own inputs)."""
     by_path = {
         path: (param, quantizer, numbers)
         for (path, param, quantizer), numbers in zip(quantizers, data, strict=True)
@@ -286,19 +396,17 @@ def _paired_pass(model, quantizers, call, sequential, variables, batch, data):
             module.put_variable("params", _ERRORS_NAME, errors)
         return next_fun(*args, **kwargs)
 
-    call, mutable = call[0], call[1].value  # the caller's mutable collections, and "params"
-    if mutable is not True:
-        mutable = ["params", *([mutable] if isinstance(mutable, str) else (mutable or []))]
+    batch, paired = inputs
 
-    def member(variables):
+    def member(variables, own):
         with nn.intercept_methods(swap):
-            _, mutated = _run(model.value, call, mutable, variables, batch)
+            carried, mutated = run(model.value, variables, batch, own)
         out = {}
         for path, _, _ in quantizers:
             node = mutated["params"]
             for key in path:
                 node = node[key]
             out[path] = (node[_Q_NAME], node[_ERRORS_NAME])
-        return out
+        return out, carried
 
-    return run_paired(member, variables, sequential=sequential)
+    return run_paired(member, variables, paired, sequential=sequential)

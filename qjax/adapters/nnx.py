@@ -14,6 +14,7 @@ layer carries its path as a static attribute, so that the layer can be recognise
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from typing import Any
 
@@ -25,9 +26,11 @@ from flax import nnx
 from qjax import layers as kinds
 from qjax.adapters.base import (
     Adapter,
+    BlockCall,
     InputChecks,
     Layer,
     ModelCall,
+    ModuleCall,
     StackedInputs,
     Static,
     call_error,
@@ -35,6 +38,7 @@ from qjax.adapters.base import (
     paired_kernel,
     run_paired,
 )
+from qjax.adapters.base import _array_leaves as array_leaves
 from qjax.patches import ConvGeometry
 from qjax.rules import path_name
 
@@ -86,16 +90,21 @@ def _param(module) -> str:
     return registered.param if registered is not None else "kernel"
 
 
+def _defining(cls: type) -> type | None:
+    """The class of `cls`'s MRO that defines its `__call__` (an NNX module class), or None."""
+    for base in cls.__mro__:
+        if "__call__" in vars(base):
+            return base if issubclass(base, nnx.Module) else None
+    return None
+
+
 @contextlib.contextmanager
-def _recording(hook, extra=()):
+def _recording(around, extra=()):
     """Makes every call of a quantizable NNX layer (built in or registered, and of the classes
-    `extra`) call `hook(module, args, kwargs)` first."""
+    `extra`) run as `around(module, call, args, kwargs)`, where `call(*args, **kwargs)` is the
+    module's own call."""
     types = [*_LAYER_TYPES, *kinds.registered_classes(), *extra]
-    types = [
-        cls
-        for cls in dict.fromkeys(types)
-        if issubclass(cls, nnx.Module) and "__call__" in vars(cls)
-    ]
+    types = [cls for cls in dict.fromkeys(map(_defining, types)) if cls is not None]
     originals = {cls: cls.__call__ for cls in types}
 
     def wrap(cls):
@@ -103,8 +112,7 @@ def _recording(hook, extra=()):
 
         @functools.wraps(original)
         def call(self, *args, **kwargs):
-            hook(self, args, kwargs)
-            return original(self, *args, **kwargs)
+            return around(self, functools.partial(original, self), args, kwargs)
 
         return call
 
@@ -115,6 +123,16 @@ def _recording(hook, extra=()):
     finally:
         for cls, original in originals.items():
             cls.__call__ = original
+
+
+def _before(hook):
+    """An `around` for `_recording` that calls `hook(module, args, kwargs)` before the call."""
+
+    def around(module, call, args, kwargs):
+        hook(module, args, kwargs)
+        return call(*args, **kwargs)
+
+    return around
 
 
 def _value(variable) -> jax.Array:
@@ -153,15 +171,14 @@ class NNXAdapter(Adapter):
         copy = nnx.clone(module)
         if hasattr(copy, "eval"):
             copy.eval()
-        self._paths: dict[str, tuple[Any, ...]] = {}
+        self._paths: dict[str, tuple[Any, ...]] = {}  # of the kernel-owning layers
         self._params: dict[str, str] = {}
-        for keypath, sub in nnx.iter_graph(copy):
-            if isinstance(sub, nnx.Module) and (hasattr(sub, _param(sub)) or _is_embed(sub)):
-                name = path_name(keypath)
-                object.__setattr__(sub, _PATH_ATTRIBUTE, name)
-                if hasattr(sub, _param(sub)):
-                    self._paths[name] = tuple(keypath)
-                    self._params[name] = _param(sub)
+        self._modules: dict[str, tuple[Any, ...]] = {}  # of every module (blocks among them)
+        for keypath, sub in _tagged(copy):
+            self._modules[sub._qjax_path] = tuple(keypath)
+            if hasattr(sub, _param(sub)):
+                self._paths[sub._qjax_path] = tuple(keypath)
+                self._params[sub._qjax_path] = _param(sub)
         self.graphdef, self._state = nnx.split(copy)
         self._graphdef = Static(self.graphdef)
         self.call = call
@@ -176,7 +193,7 @@ class NNXAdapter(Adapter):
 
         def hook(module, args, kwargs):
             name = getattr(module, _PATH_ATTRIBUTE, None)
-            if name is not None:
+            if name in self._params:
                 shape = tuple(np.shape(_value(getattr(module, self._params[name]))))
                 calls.setdefault(name, (module, shape, dict(kwargs)))
                 counts[name] = counts.get(name, 0) + 1
@@ -185,7 +202,7 @@ class NNXAdapter(Adapter):
             return self.call(nnx.merge(self.graphdef, state), batch)
 
         try:
-            with _recording(hook):
+            with _recording(_before(hook)):
                 jax.eval_shape(forward, self._state, batch)
         except (TypeError, ValueError, AssertionError) as error:
             raise ValueError(call_error(error, self._type, batch)) from error
@@ -235,12 +252,12 @@ class NNXAdapter(Adapter):
 
     def inputs(self, state, layer: Layer, index, batch) -> jax.Array:
         if not layer.stack_shape:
-            with _recording(_capture_hook):
+            with _recording(_before(_capture_hook)):
                 return _layer_input(self._graphdef, layer.path, self.call, state, batch)
         flat = int(np.ravel_multi_index(index, layer.stack_shape))
 
         def run():
-            with _recording(_capture_hook):
+            with _recording(_before(_capture_hook)):
                 _stacked_pass(self._graphdef, layer.path, self.call, state, batch)
 
         return jax.numpy.asarray(StackedInputs.collect(run, flat))
@@ -249,35 +266,85 @@ class NNXAdapter(Adapter):
         paths = frozenset(layer.path for layer in layers)
 
         def run():
-            with _recording(_check_hook, (nnx.Embed,)):
+            with _recording(_before(_check_hook), (nnx.Embed,)):
                 _checking_pass(self._graphdef, paths, self.call, self._state, batch)
 
         return InputChecks.collect(run)
 
-    def paired_pass(self, layers, quantizers, batch, *, sequential, data):
+    def module_calls(self, batch) -> list[ModuleCall]:
+        calls: list[ModuleCall | None] = []
+        stack: list[nnx.Module] = []
+
+        def around(module, call, args, kwargs):
+            path = getattr(module, _PATH_ATTRIBUTE, None)
+            if path is None or (stack and stack[-1] is module):  # a super().__call__
+                return call(*args, **kwargs)
+            stack.append(module)
+            calls.append(None)
+            index = len(calls) - 1
+            try:
+                out = call(*args, **kwargs)
+            finally:
+                stack.pop()
+            calls[index] = ModuleCall(path, type(module), len(stack), args, kwargs, out)
+            return out
+
+        module = nnx.merge(self.graphdef, self._state)
+        types = {type(sub) for _, sub in nnx.iter_graph(module) if isinstance(sub, nnx.Module)}
+        with _recording(around, types):
+            jax.eval_shape(self.forward, self._state, batch)
+        return [c for c in calls if c is not None]
+
+    def paired_pass(
+        self, layers, quantizers, batch, *, sequential, data, blocks=None, carried=None
+    ):
         stacks = {layer.path: layer.stack_shape for layer in layers}
         module = nnx.merge(self.graphdef, self._state)
-        for path in quantizers:  # slots for each layer's Q and errors, scanned like its kernel
-            owner = _submodule(module, self._paths[path])
-            kernel = _value(getattr(owner, self._params[path]))
-            setattr(owner, _Q_ATTRIBUTE, _PassOutput(jnp.zeros_like(kernel)))
-            setattr(owner, _ERRORS_ATTRIBUTE, _PassOutput(jnp.zeros((*stacks[path], 3))))
-        graphdef, state = nnx.split(module)
-        out = _paired_pass(
-            Static(graphdef),
-            tuple(
-                (path, self._paths[path], self._params[path], q) for path, q in quantizers.items()
-            ),
-            self.call,
+        run = _Whole(self.call)
+        if blocks is not None:
+            classes = (type(_submodule(module, self._modules[p])) for p in blocks.paths)
+            run = _Whole(self.call, blocks.paths, tuple(dict.fromkeys(classes)))
+        entries = [(path, self._paths[path], self._params[path]) for path in quantizers]
+        graphdef, named, state = _with_slots(module, entries, stacks, quantizers)
+        out, captured = _paired_pass(
+            graphdef, named, run, sequential, state, (batch, carried), dict(data)
+        )
+        current, errors = self._written(out, lambda path: path)
+        return current, errors, captured
+
+    def block_pass(self, blocks, index, quantizers, inputs, *, sequential, data):
+        root = blocks.paths[index]
+        block = _submodule(nnx.merge(self.graphdef, self._state), self._modules[root])
+        _tagged(block)  # paths inside the block: blocks of one structure share a program
+        relative = lambda path: path[len(root) + 1 :] if root else path
+        depth = len(self._modules[root])
+        entries = [
+            (relative(path), self._paths[path][depth:], self._params[path]) for path in quantizers
+        ]
+        graphdef, named, state = _with_slots(
+            block, entries, {}, {relative(p): q for p, q in quantizers.items()}
+        )
+        args = (
+            graphdef,
+            named,
+            _Alone(blocks.call),
             sequential,
             state,
-            batch,
-            {path: data[path] for path in quantizers},
+            (None, inputs),
+            {relative(path): data[path] for path in quantizers},
         )
+        out, outputs = _paired_pass(*args)
+        memory = _paired_pass.memory(*args)
+        full = {relative(path): path for path in quantizers}
+        current, errors = self._written(out, full.__getitem__)
+        return current, errors, outputs, memory
+
+    def _written(self, out, full_path) -> tuple[nnx.State, dict[str, np.ndarray]]:
+        """The float state with the pass's Q written in, and the errors, by full layer path."""
         current, errors = self._state, {}
         for path, (kernel, error) in out.items():
-            current = self.with_kernel(current, Layer(path, None, ""), kernel)
-            errors[path] = np.asarray(error)
+            current = self.with_kernel(current, Layer(full_path(path), None, ""), kernel)
+            errors[full_path(path)] = np.asarray(error)
         return current, errors
 
     def result(self, state) -> nnx.Module:
@@ -289,6 +356,70 @@ def _submodule(module: nnx.Module, keys: tuple[Any, ...]) -> nnx.Module:
     for key in keys:
         module = module[key] if isinstance(key, int) else getattr(module, key)
     return module
+
+
+def _tagged(root: nnx.Module) -> list[tuple[tuple[Any, ...], nnx.Module]]:
+    """Gives every module under `root` its path from `root` as a static attribute (recognised
+    inside compiled passes and `nnx.scan`); returns (key path, module) pairs."""
+    found = []
+    for keypath, sub in nnx.iter_graph(root):
+        if isinstance(sub, nnx.Module):
+            object.__setattr__(sub, _PATH_ATTRIBUTE, path_name(keypath))
+            found.append((keypath, sub))
+    return found
+
+
+def _with_slots(root, entries, stacks, quantizers):
+    """(graph definition, quantizers, state) of `root` with slots for each layer's Q and errors,
+    scanned like its kernel; `entries` are (path, key path from root, parameter name)."""
+    for path, keys, param in entries:
+        owner = _submodule(root, keys)
+        kernel = _value(getattr(owner, param))
+        setattr(owner, _Q_ATTRIBUTE, _PassOutput(jnp.zeros_like(kernel)))
+        setattr(owner, _ERRORS_ATTRIBUTE, _PassOutput(jnp.zeros((*stacks.get(path, ()), 3))))
+    graphdef, state = nnx.split(root)
+    named = tuple((path, keys, param, quantizers[path]) for path, keys, param in entries)
+    return Static(graphdef), named, state
+
+
+@dataclasses.dataclass(frozen=True)
+class _Whole:
+    """A paired pass's forward computation: the whole model on a batch. With `blocks` (their
+    paths; `classes` those of their modules), no block runs (see `Adapter.paired_pass`):
+    returns the first block's array arguments."""
+
+    call: ModelCall
+    blocks: tuple[str, ...] = ()
+    classes: tuple[type, ...] = ()
+
+    def __call__(self, module, layer_around, batch, carried):
+        captured = []
+
+        def around(sub, call, args, kwargs):
+            path = getattr(sub, _PATH_ATTRIBUTE, None)
+            if path is None or path not in self.blocks:
+                return layer_around(sub, call, args, kwargs)
+            if path != self.blocks[0]:
+                return args[0]
+            captured.append(array_leaves(args, kwargs))
+            return args[0] if carried is None else carried
+
+        with _recording(around, self.classes):
+            self.call(module, batch)
+        return captured[0] if self.blocks else None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Alone:
+    """A paired pass's forward computation: one block on its array arguments; returns its
+    output."""
+
+    call: BlockCall
+
+    def __call__(self, module, layer_around, batch, inputs):
+        args, kwargs = self.call.arguments(inputs)
+        with _recording(layer_around):
+            return module(*args, **kwargs)
 
 
 class _Target:
@@ -348,8 +479,9 @@ def _stacked_pass(graphdef, path, call, state, batch):
 
 
 @compiled_per_spec
-def _paired_pass(graphdef, quantizers, call, sequential, state, batch, data):
-    """`NNXAdapter.paired_pass` as one compiled program: {path: (Q, errors)}."""
+def _paired_pass(graphdef, quantizers, run, sequential, state, inputs, data):
+    """`NNXAdapter.paired_pass` and `block_pass` as one compiled program: ({path: (Q, errors)},
+    what `run` returns). `inputs` is (the batch, each member's own inputs)."""
     by_path = {path: (param, quantizer) for path, _, param, quantizer in quantizers}
 
     def hook(module, args, kwargs):
@@ -368,10 +500,11 @@ def _paired_pass(graphdef, quantizers, call, sequential, state, batch, data):
             _set_value(getattr(module, _Q_ATTRIBUTE), q)
             _set_value(getattr(module, _ERRORS_ATTRIBUTE), errors)
 
-    def member(state):
+    batch, paired = inputs
+
+    def member(state, own):
         module = nnx.merge(graphdef.value, state)
-        with _recording(hook):
-            call(module, batch)
+        carried = run(module, _before(hook), batch, own)
         out = {}
         for path, keys, _, _ in quantizers:
             owner = _submodule(module, keys)
@@ -379,6 +512,6 @@ def _paired_pass(graphdef, quantizers, call, sequential, state, batch, data):
                 _value(getattr(owner, _Q_ATTRIBUTE)),
                 _value(getattr(owner, _ERRORS_ATTRIBUTE)),
             )
-        return out
+        return out, carried
 
-    return run_paired(member, state, sequential=sequential)
+    return run_paired(member, state, paired, sequential=sequential)
