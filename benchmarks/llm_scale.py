@@ -15,10 +15,11 @@ groups of `group_size`, the head kept float) and the table gives
 * peak RSS: the quantize process's peak resident host memory (`ru_maxrss`, in its report),
   against the float32 weights' size and the cached block inputs of the block-wise schedule
   (X and X~ of every calibration token at the model's width: 2 · num_samples · seq_len · d · 4
-  bytes).
+  bytes); the largest block pass is the memory XLA plans for one block's compiled pass
+  (its weights, cached inputs, outputs and temporaries; block-wise only).
 
     python -m benchmarks.llm_scale --workdir=/tmp/qjax/llm_scale --methods=gptq \
-        --out=results/llm_scale/results.md
+        --schedule=block_wise --out=results/llm_scale/results.md
 """
 
 from __future__ import annotations
@@ -104,6 +105,11 @@ def run_quantize(command: list[str], out_dir: str) -> dict:
         "peak_host_memory_bytes": report["peak_host_memory_bytes"],
         "float32_parameter_bytes": report["float32_parameter_bytes"],
         "layers": sum(layer["method"] != "skip" for layer in report["layers"]),
+        "schedule": report["schedule"],
+        "block_pass_bytes": max(
+            (layer["block"]["memory_bytes"] for layer in report["layers"] if layer.get("block")),
+            default=None,
+        ),
         "command": shlex.join(command),
     }
 
@@ -123,16 +129,18 @@ def table(rows: list[dict], num_params: int, cache_bytes: int) -> str:
         f"Machine: {machine['platform']}, {machine['cpu_count']} CPUs, JAX {machine['jax']} on "
         f"{', '.join(machine['devices'])}; qjax {lib['version']}, commit {lib['commit']}",
         "",
-        "| method | layers | wall | load | quantize | peak RSS | float32 weights "
-        "| cached block inputs | peak / weights |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | schedule | layers | wall | load | quantize | peak RSS | float32 weights "
+        "| cached block inputs | largest block pass | peak / weights |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        block = "–" if r["block_pass_bytes"] is None else f"{r['block_pass_bytes'] / mib:,.1f} MiB"
         lines.append(
-            f"| {r['method']} | {r['layers']} | {r['wall_seconds']:.0f} s "
+            f"| {r['method']} | {r['schedule']} | {r['layers']} | {r['wall_seconds']:.0f} s "
             f"| {r['load_seconds']:.0f} s | {r['quantize_seconds']:.0f} s "
             f"| {r['peak_host_memory_bytes'] / mib:,.1f} MiB "
             f"| {r['float32_parameter_bytes'] / mib:,.1f} MiB | {cache_bytes / mib:,.1f} MiB "
+            f"| {block} "
             f"| {r['peak_host_memory_bytes'] / r['float32_parameter_bytes']:.2f} |"
         )
     this = shlex.join(["python", "-m", "benchmarks.llm_scale", *sys.argv[1:]])

@@ -21,6 +21,7 @@ def test_scale_benchmark_tiny(tmp_path):
         f"--intermediate_size={mlp}", f"--num_attention_heads={heads}",
         f"--num_key_value_heads={kv}", f"--vocab_size={vocab}", "--num_samples=4",
         "--seq_len=16", "--batch_size=2", "--group_size=16", "--methods=gptq",
+        "--schedule=block_wise",
         f"--out={tmp_path / 'table.md'}",
     ]  # fmt: skip
     env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -36,6 +37,7 @@ def test_scale_benchmark_tiny(tmp_path):
     assert result["cache_bytes"] == 2 * 4 * 16 * d * 4
     (row,) = result["rows"]
     assert row["method"] == "gptq" and row["layers"] == 7 * blocks
+    assert row["schedule"] == "block_wise" and row["block_pass_bytes"] > 0
     assert row["float32_parameter_bytes"] == 4 * result["num_params"]
     assert row["peak_host_memory_bytes"] > row["float32_parameter_bytes"]
     assert row["wall_seconds"] > row["quantize_seconds"] > 0
@@ -45,4 +47,4 @@ def test_scale_benchmark_tiny(tmp_path):
     assert config["torch_dtype"] == "float32"
     assert (tmp_path / "gptq_w4_g16" / "model.safetensors").exists()
     table = (tmp_path / "table.md").read_text()
-    assert "| gptq | 14 |" in table and "python -m benchmarks.llm_scale" in table
+    assert "| gptq | block_wise | 14 |" in table and "python -m benchmarks.llm_scale" in table

@@ -31,7 +31,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from qjax import data, methods
-from qjax.engine import format_report, quantize_model
+from qjax.engine import LayerReport, format_report, quantize_model
 from qjax.models import llama, transformer
 from qjax.rules import LayerSpec, Rules, unmatched_patterns
 
@@ -167,6 +167,15 @@ def _peak_memory_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+def _layer_row(report: LayerReport) -> dict[str, Any]:
+    """A layer's report as JSON: its block (block-wise) as a dict, without its alphabet (the
+    checkpoint holds the scales)."""
+    row = {k: v for k, v in report._asdict().items() if k != "alphabet"}
+    if row.get("block") is not None:
+        row["block"] = row["block"]._asdict()
+    return row
+
+
 def quantize_checkpoint(
     model_dir: str,
     output_dir: str,
@@ -175,6 +184,7 @@ def quantize_checkpoint(
     spec: LayerSpec,
     skip: Sequence[str] = ("lm_head",),
     sequential: bool = True,
+    schedule: str | None = None,
 ) -> dict[str, Any]:
     """Quantizes a Hugging Face checkpoint and writes a compressed-tensors checkpoint.
 
@@ -186,6 +196,8 @@ def quantize_checkpoint(
       skip: patterns of layers kept float (those that match no layer of this model, such as
         "lm_head" of a model with a tied head, are dropped).
       sequential: `quantize_model`'s `sequential`.
+      schedule: `quantize_model`'s `schedule` ("block_wise": one decoder block at a time, memory
+        independent of depth; None: its automatic choice).
 
     Returns:
       The report (also written to `report.json`).
@@ -216,7 +228,12 @@ def quantize_checkpoint(
         )
     start = time.perf_counter()
     quantized, reports = quantize_model(
-        model, list(calibration), spec=spec, rules=rules, sequential=sequential
+        model,
+        list(calibration),
+        spec=spec,
+        rules=rules,
+        sequential=sequential,
+        schedule=schedule,
     )
     quantize_seconds = time.perf_counter() - start
     alphabets = compressed.layer_alphabets(model, table)
@@ -231,13 +248,12 @@ def quantize_checkpoint(
         "spec": {k: v for k, v in dataclasses.asdict(spec).items() if k != "alphabet"},
         "skipped": [p for p, _ in rules],
         "calibration": {"batches": len(calibration), "shape": list(np.shape(calibration[0]))},
+        "schedule": schedule or "auto",
         "load_seconds": load_seconds,
         "quantize_seconds": quantize_seconds,
         "peak_host_memory_bytes": _peak_memory_bytes(),
         "float32_parameter_bytes": float_bytes,
-        "layers": [
-            {k: v for k, v in r._asdict().items() if k != "alphabet"} for r in reports
-        ],  # the alphabets are in the checkpoint
+        "layers": [_layer_row(r) for r in reports],
     }
     report["spec"]["method"] = spec.method_name
     report["spec"]["method_options"] = dataclasses.asdict(spec.quantizer)  # damping, block size

@@ -12,6 +12,7 @@ peak host memory. Evaluate it with `python -m qjax.llm.perplexity --model_dir=pa
 
 from absl import app, flags, logging
 
+from qjax.engine import SCHEDULES
 from qjax.llm import pipeline
 from qjax.models import llama
 from qjax.rules import LayerSpec
@@ -43,6 +44,13 @@ flags.DEFINE_integer("seq_len", 2048, "Tokens per calibration sequence (at most 
 flags.DEFINE_integer("batch_size", 8, "Calibration sequences per forward pass.")
 flags.DEFINE_integer("seed", 0, "Seed of the calibration draw.")
 flags.DEFINE_list("skip", ["lm_head"], "Layer patterns kept float (if the model has them).")
+flags.DEFINE_enum(
+    "schedule",
+    "auto",
+    list(SCHEDULES),
+    "How the model is run: block_wise (one decoder block at a time, memory independent of "
+    "depth), one_pass, layer_by_layer; auto: one_pass unless it would not fit, then block_wise.",
+)
 flags.DEFINE_bool("sequential", True, "Each layer sees the inputs of the partly quantized model.")
 flags.mark_flags_as_required(["model_dir", "output_dir"])
 
@@ -83,6 +91,7 @@ def main(argv):
         spec=spec,
         skip=FLAGS.skip,
         sequential=FLAGS.sequential,
+        schedule=FLAGS.schedule,
     )
     print(
         f"wrote {FLAGS.output_dir}: {len(report['layers'])} layers in "
