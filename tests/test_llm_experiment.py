@@ -81,10 +81,10 @@ def test_grid_names_and_commands():
     assert "--method=qronos --bits=2 --group_size=128 --grid=signed --calibration=ptb" in quantize
     assert "--c=" not in quantize  # C unset: the command line's MSE-best default
     assert evaluate.startswith("python -m qjax.llm.perplexity --model_dir=/q --corpus=ptb")
-    assert "--damping" not in quantize  # qronos_damping None: Qronos's default
-    config.ptq.qronos_damping = 1e-4
+    assert quantize.endswith("--seed=0 --damping=0.001")  # the config's chosen α
+    config.ptq.qronos_damping = None
     quantize, _ = pipeline.commands(config, "/m", "/q", ("qronos", 2, 128))
-    assert quantize.endswith("--seed=0 --damping=0.0001")
+    assert "--damping" not in quantize  # None: Qronos's default
     quantize, _ = pipeline.commands(config, "/m", "/q", ("gptq", 2, 128))
     assert "--damping" not in quantize  # only Qronos's damping is set
 
