@@ -82,11 +82,11 @@ def test_grid_names_and_commands():
     assert "--c=" not in quantize  # C unset: the command line's MSE-best default
     assert evaluate.startswith("python -m qjax.llm.perplexity --model_dir=/q --corpus=ptb")
     assert quantize.endswith("--seed=0 --damping=0.001")  # the config's chosen α
+    quantize, _ = pipeline.commands(config, "/m", "/q", ("gptq", 2, 128))
+    assert "--damping" not in quantize  # only Qronos's damping is set
     config.ptq.qronos_damping = None
     quantize, _ = pipeline.commands(config, "/m", "/q", ("qronos", 2, 128))
     assert "--damping" not in quantize  # None: Qronos's default
-    quantize, _ = pipeline.commands(config, "/m", "/q", ("gptq", 2, 128))
-    assert "--damping" not in quantize  # only Qronos's damping is set
 
 
 def test_an_entry_of_another_damping_is_redone(tmp_path):
