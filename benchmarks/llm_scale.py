@@ -1,7 +1,7 @@
 """A Llama-shaped model of ≥ 300 M parameters quantized end to end by the command line.
 
 A random-init `qjax.models.llama.Llama` (default: width 1024, 24 blocks, SwiGLU 2816, 16 query
-and 4 key/value heads, vocabulary 32,000, untied head: 346 M parameters) is written as a
+and 4 key/value heads, vocabulary 32,000, untied head: 336 M parameters) is written as a
 float32 Hugging Face checkpoint (`llama.save_pretrained`: config.json + model.safetensors by
 qjax's own safetensors writer), with `num_samples` × `seq_len` uniformly random token ids as
 the calibration (a .npy; a random-init model has no language to calibrate on). Then, for each
