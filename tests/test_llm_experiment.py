@@ -92,6 +92,7 @@ def test_grid_names_and_commands():
 def test_an_entry_of_another_damping_is_redone(tmp_path):
     """A random-init model: what is tested is which damping each entry is measured at."""
     config = tiny.get_config()
+    config.ptq.qronos_damping = None  # Qronos's default first
     tokens = llm.load_tokens("char", split="train")
     float_dir = str(tmp_path / "float")
     vocab = len(data.load_char_corpus().vocab)
