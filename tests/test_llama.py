@@ -132,3 +132,23 @@ def test_safetensors_round_trip(tmp_path):
     loaded = safetensors_numpy.load_file(str(tmp_path / "x.safetensors"))
     np.testing.assert_array_equal(loaded["a"], tensors["a"])
     np.testing.assert_array_equal(loaded["c"], tensors["c"])
+
+
+def test_bad_tokens_raise():
+    config = llama.LlamaConfig(
+        vocab_size=11,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=4,
+    )
+    model = llama.Llama(config, rngs=nnx.Rngs(0))
+    assert model(jnp.zeros((1, 4), jnp.int32)).shape == (1, 4, 11)
+    with pytest.raises(ValueError, match="sequence length 5 exceeds max_position_embeddings 4"):
+        model(jnp.zeros((1, 5), jnp.int32))
+    with pytest.raises(ValueError, match=r"integer ids of shape \(batch, time\)"):
+        model(jnp.zeros((1, 4), jnp.float32))
+    with pytest.raises(ValueError, match=r"integer ids of shape \(batch, time\)"):
+        model(jnp.zeros((4,), jnp.int32))

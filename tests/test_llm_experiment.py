@@ -12,6 +12,7 @@ import pytest
 
 from experiments.llm import pipeline
 from experiments.llm.configs import ptb, tiny
+from qjax import data
 from qjax.llm import pipeline as llm
 from qjax.models import llama
 
@@ -80,6 +81,52 @@ def test_grid_names_and_commands():
     assert "--method=qronos --bits=2 --group_size=128 --grid=signed --calibration=ptb" in quantize
     assert "--c=" not in quantize  # C unset: the command line's MSE-best default
     assert evaluate.startswith("python -m qjax.llm.perplexity --model_dir=/q --corpus=ptb")
+    assert quantize.endswith("--seed=0 --damping=0.001")  # the config's chosen α
+    quantize, _ = pipeline.commands(config, "/m", "/q", ("gptq", 2, 128))
+    assert "--damping" not in quantize  # only Qronos's damping is set
+    config.ptq.qronos_damping = None
+    quantize, _ = pipeline.commands(config, "/m", "/q", ("qronos", 2, 128))
+    assert "--damping" not in quantize  # None: Qronos's default
+
+
+def test_an_entry_of_another_damping_is_redone(tmp_path):
+    """A random-init model: what is tested is which damping each entry is measured at."""
+    config = tiny.get_config()
+    config.ptq.qronos_damping = None  # Qronos's default first
+    tokens = llm.load_tokens("char", split="train")
+    float_dir = str(tmp_path / "float")
+    vocab = len(data.load_char_corpus().vocab)
+    llama.save_pretrained(pipeline.make_model(config, vocab), float_dir)
+    calibration = llm.calibration_batches(
+        tokens, num_samples=8, seq_len=config.seq_len, batch_size=8, seed=0
+    )
+    test_tokens = llm.load_tokens("char", split="test")
+    out_dir = str(tmp_path / "qronos")
+    entry = ("qronos", 4, 32)
+    packed = tmp_path / "qronos" / "model.safetensors"
+    default = pipeline.quantize_entry(config, float_dir, out_dir, entry, calibration, test_tokens)
+    assert default["damping"] is None and "--damping" not in default["commands"][0]
+    config.ptq.qronos_damping = 1e-3
+    damped = pipeline.quantize_entry(config, float_dir, out_dir, entry, calibration, test_tokens)
+    assert damped["damping"] == 1e-3 and damped["commands"][0].endswith("--damping=0.001")
+    report = json.loads((tmp_path / "qronos" / "report.json").read_text())
+    assert report["spec"]["method_options"]["damping"] == 1e-3
+    mtime = packed.stat().st_mtime_ns
+    again = pipeline.quantize_entry(config, float_dir, out_dir, entry, calibration, test_tokens)
+    assert again == damped and packed.stat().st_mtime_ns == mtime
+    table = pipeline.results_markdown(
+        {
+            "float": {"valid_perplexity": 1.0, "test_perplexity": 1.0},
+            "qjax_version": "0",
+            "commit": "c",
+            "num_params": 1,
+            "train_steps": 1,
+            "train_seconds": 60.0,
+            "scale_constant": None,
+            "quantized": [damped],
+        }
+    )
+    assert "| weights | qronos (damping 0.001) |" in table
 
 
 def test_bad_configs_raise():

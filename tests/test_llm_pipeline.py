@@ -152,3 +152,64 @@ def test_command_lines_quantize_and_evaluate(tmp_path):
     assert results["w4"] != results["float"]
     leaves = jax.tree.leaves(nnx.state(quantized, nnx.Param))
     assert all(np.all(np.isfinite(leaf)) for leaf in leaves)
+
+
+def test_make_method_damping():
+    assert pipeline.make_method("qronos") == qjax.Qronos()
+    assert pipeline.make_method("qronos", damping=1e-4) == qjax.Qronos(damping=1e-4)
+    assert pipeline.make_method("gptq", damping=0.1) == qjax.GPTQ(damping=0.1)
+    with pytest.raises(ValueError, match="method 'gpfq' has no damping; only gptq, qronos"):
+        pipeline.make_method("gpfq", damping=1e-4)
+    with pytest.raises(ValueError, match="damping must be positive"):
+        pipeline.make_method("gptq", damping=0.0)
+
+
+def test_command_line_damping(tmp_path):
+    """--damping reaches the method: the command line's checkpoint is the library's with
+    Qronos(damping=0.1), not the default's; a method without damping is refused."""
+    pytest.importorskip("compressed_tensors")
+    from qjax.rules import LayerSpec
+
+    llama.save_pretrained(llama.Llama(CONFIG, rngs=nnx.Rngs(3)), tmp_path / "float")
+    args = [
+        f"--model_dir={tmp_path / 'float'}",
+        "--bits=2",
+        "--group_size=16",
+        "--calibration=char",
+        "--num_samples=4",
+        "--seq_len=32",
+        "--batch_size=4",
+    ]
+    _run("qjax.llm.quantize", *args, f"--output_dir={tmp_path / 'cli'}", "--method=qronos",
+         "--damping=0.1")  # fmt: skip
+    report = json.loads((tmp_path / "cli/report.json").read_text())
+    assert report["spec"]["method"] == "qronos"
+    assert report["spec"]["method_options"]["damping"] == 0.1
+    calibration = pipeline.calibration_batches(
+        pipeline.load_tokens("char", split="train"),
+        num_samples=4,
+        seq_len=32,
+        batch_size=4,
+        seed=0,
+    )
+    kernels = {}
+    for name, method in (("damped", qjax.Qronos(damping=0.1)), ("default", qjax.Qronos())):
+        spec = LayerSpec(method=method, bits=2, group_size=16, grid="signed")
+        pipeline.quantize_checkpoint(
+            str(tmp_path / "float"), str(tmp_path / name), calibration, spec=spec
+        )
+    for name in ("cli", "damped", "default"):
+        model = pipeline.load_model(str(tmp_path / name))
+        kernels[name] = np.asarray(model.layers[1].mlp.down_proj.kernel.get_value())
+    np.testing.assert_array_equal(kernels["cli"], kernels["damped"])
+    assert not np.array_equal(kernels["cli"], kernels["default"])
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    result = subprocess.run(
+        [sys.executable, "-m", "qjax.llm.quantize", *args, f"--output_dir={tmp_path / 'msq'}",
+         "--method=msq", "--damping=0.1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "--damping: method 'msq' has no damping; only gptq, qronos take one" in result.stderr
+    assert not (tmp_path / "msq").exists()

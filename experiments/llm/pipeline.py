@@ -182,6 +182,8 @@ def commands(
     ]  # fmt: skip
     if ptq.c is not None:
         quantize.append(f"--c={ptq.c}")
+    if damping(config, method) is not None:
+        quantize.append(f"--damping={damping(config, method)}")
     return [shlex.join(quantize), perplexity_command(config, out_dir)]
 
 
@@ -194,6 +196,12 @@ def perplexity_command(config: ml_collections.ConfigDict, model_dir: str) -> str
     ])  # fmt: skip
 
 
+def damping(config: ml_collections.ConfigDict, method: str) -> float | None:
+    """The relative damping of `method`'s entries: `config.ptq.qronos_damping` for Qronos, None
+    (the method's default) otherwise."""
+    return config.ptq.qronos_damping if method == "qronos" else None
+
+
 def quantize_entry(
     config: ml_collections.ConfigDict,
     float_dir: str,
@@ -203,14 +211,17 @@ def quantize_entry(
     test_tokens: np.ndarray,
 ) -> dict[str, Any]:
     """Quantizes the float checkpoint for one entry and measures the result's test perplexity
-    (read back from `out_dir`), or reads the measurement of an earlier run."""
+    (read back from `out_dir`), or reads the measurement of an earlier run made with the same
+    damping (an entry of another damping is redone)."""
+    method, bits, group_size = entry
     done = os.path.join(out_dir, "perplexity.json")
     if os.path.exists(done):
         with open(done) as f:
-            return json.load(f)
-    method, bits, group_size = entry
+            result = json.load(f)
+        if result.get("damping") == damping(config, method):
+            return result
     spec = qjax.LayerSpec(
-        method=method,
+        method=llm.make_method(method, damping=damping(config, method)),
         bits=bits,
         c=config.ptq.c,
         rule="max",
@@ -225,6 +236,7 @@ def quantize_entry(
         "bits": bits,
         "group_size": group_size,
         "grid": config.ptq.grid,
+        "damping": damping(config, method),  # None: the method's default
         "test_perplexity": evaluate_perplexity(quantized, test_tokens, config),
         "quantize_seconds": report["quantize_seconds"],
         "peak_host_memory_bytes": report["peak_host_memory_bytes"],
@@ -258,7 +270,9 @@ def results_markdown(results: dict) -> str:
             "",
         ]
         methods = list(dict.fromkeys(e["method"] for e in entries))
-        lines += ["| weights | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+        dampings = {e["method"]: e.get("damping") for e in entries}
+        labels = [m if dampings[m] is None else f"{m} (damping {dampings[m]:g})" for m in methods]
+        lines += ["| weights | " + " | ".join(labels) + " |", "|---" * (len(methods) + 1) + "|"]
         rows: dict[tuple[int, int], dict[str, dict]] = {}
         for e in entries:
             rows.setdefault((e["bits"], e["group_size"]), {})[e["method"]] = e

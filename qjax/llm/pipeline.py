@@ -4,6 +4,7 @@
   ships with qjax ("char"), a `.npy` file of ids, or a text file tokenized with the checkpoint's
   own tokenizer (transformers' `AutoTokenizer`).
 * `calibration_batches`: random windows of a stream, in batches, for `qjax.quantize_model`.
+* `make_method`: a method by name with its defaults, its relative damping set when given.
 * `quantize_checkpoint`: a Hugging Face checkpoint → `qjax.quantize_model` → a `pack-quantized`
   compressed-tensors checkpoint plus `report.json` / `report.md` (per-layer relative errors,
   time, peak host memory).
@@ -29,8 +30,8 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from qjax import data
-from qjax.engine import format_report, quantize_model
+from qjax import data, methods
+from qjax.engine import LayerReport, format_report, quantize_model
 from qjax.models import llama, transformer
 from qjax.rules import LayerSpec, Rules, unmatched_patterns
 
@@ -38,6 +39,7 @@ __all__ = [
     "calibration_batches",
     "load_model",
     "load_tokens",
+    "make_method",
     "perplexity",
     "quantize_checkpoint",
 ]
@@ -95,6 +97,29 @@ def calibration_batches(
     return [windows[i : i + batch_size] for i in range(0, num_samples, batch_size)]
 
 
+def make_method(name: str, *, damping: float | None = None) -> methods.QuantizationMethod:
+    """The method `name` ("gpfq", "gptq", "qronos", "msq") with its defaults.
+
+    Args:
+      name: the method's name.
+      damping: the relative damping of a least-squares method: GPTQ's λ (added as
+        λ·mean(diag G) to G's diagonal) or Qronos's α (λ = α·||X~ᵀX~||₂); None keeps the
+        method's default.
+
+    Returns:
+      The method object.
+    """
+    method = methods.get(name)
+    if damping is None:
+        return method
+    if "damping" not in {f.name for f in dataclasses.fields(method)}:
+        with_damping = [
+            n for n in methods.names() if "damping" in dataclasses.asdict(methods.get(n))
+        ]
+        raise ValueError(f"method {name!r} has no damping; only {', '.join(with_damping)} take one")
+    return dataclasses.replace(method, damping=damping)
+
+
 def perplexity(model: nnx.Module, tokens: np.ndarray, *, seq_len: int, batch_size: int) -> float:
     """Perplexity by non-overlapping windows of `seq_len` tokens (GPTQ's protocol, see above).
 
@@ -142,6 +167,15 @@ def _peak_memory_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+def _layer_row(report: LayerReport) -> dict[str, Any]:
+    """A layer's report as JSON: its block (block-wise) as a dict, without its alphabet (the
+    checkpoint holds the scales)."""
+    row = {k: v for k, v in report._asdict().items() if k != "alphabet"}
+    if row.get("block") is not None:
+        row["block"] = row["block"]._asdict()
+    return row
+
+
 def quantize_checkpoint(
     model_dir: str,
     output_dir: str,
@@ -150,6 +184,7 @@ def quantize_checkpoint(
     spec: LayerSpec,
     skip: Sequence[str] = ("lm_head",),
     sequential: bool = True,
+    schedule: str | None = None,
 ) -> dict[str, Any]:
     """Quantizes a Hugging Face checkpoint and writes a compressed-tensors checkpoint.
 
@@ -161,6 +196,8 @@ def quantize_checkpoint(
       skip: patterns of layers kept float (those that match no layer of this model, such as
         "lm_head" of a model with a tied head, are dropped).
       sequential: `quantize_model`'s `sequential`.
+      schedule: `quantize_model`'s `schedule` ("block_wise": one decoder block at a time, memory
+        independent of depth; None: its automatic choice).
 
     Returns:
       The report (also written to `report.json`).
@@ -191,7 +228,12 @@ def quantize_checkpoint(
         )
     start = time.perf_counter()
     quantized, reports = quantize_model(
-        model, list(calibration), spec=spec, rules=rules, sequential=sequential
+        model,
+        list(calibration),
+        spec=spec,
+        rules=rules,
+        sequential=sequential,
+        schedule=schedule,
     )
     quantize_seconds = time.perf_counter() - start
     alphabets = compressed.layer_alphabets(model, table)
@@ -206,15 +248,15 @@ def quantize_checkpoint(
         "spec": {k: v for k, v in dataclasses.asdict(spec).items() if k != "alphabet"},
         "skipped": [p for p, _ in rules],
         "calibration": {"batches": len(calibration), "shape": list(np.shape(calibration[0]))},
+        "schedule": schedule or "auto",
         "load_seconds": load_seconds,
         "quantize_seconds": quantize_seconds,
         "peak_host_memory_bytes": _peak_memory_bytes(),
         "float32_parameter_bytes": float_bytes,
-        "layers": [
-            {k: v for k, v in r._asdict().items() if k != "alphabet"} for r in reports
-        ],  # the alphabets are in the checkpoint
+        "layers": [_layer_row(r) for r in reports],
     }
     report["spec"]["method"] = spec.method_name
+    report["spec"]["method_options"] = dataclasses.asdict(spec.quantizer)  # damping, block size
     with open(os.path.join(output_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     with open(os.path.join(output_dir, "report.md"), "w") as f:

@@ -1,7 +1,7 @@
 """Quantize a Hugging Face Llama-family checkpoint into a compressed-tensors checkpoint.
 
     python -m qjax.llm.quantize --model_dir=path/to/model --output_dir=path/to/out \
-        --method=gptq --bits=4 --group_size=128 --grid=signed \
+        --method=gptq --bits=4 --group_size=128 --grid=signed [--damping=0.01] \
         --calibration=ptb --num_samples=128 --seq_len=2048
 
 writes `output_dir/` (config.json with its quantization_config, model.safetensors: a
@@ -12,6 +12,7 @@ peak host memory. Evaluate it with `python -m qjax.llm.perplexity --model_dir=pa
 
 from absl import app, flags, logging
 
+from qjax.engine import SCHEDULES
 from qjax.llm import pipeline
 from qjax.models import llama
 from qjax.rules import LayerSpec
@@ -28,6 +29,11 @@ flags.DEFINE_enum(
     ["signed", "asymmetric"],
     "signed: {-2^(b-1)..2^(b-1)-1}·s; asymmetric: (k-z)·s.",
 )
+flags.DEFINE_float(
+    "damping",
+    None,
+    "Relative damping of gptq (λ·mean(diag G)) or qronos (α·||X~ᵀX~||₂); unset: the default.",
+)
 flags.DEFINE_float("c", None, "Scale constant C (1: absmax/min-max); unset: MSE-optimal per group.")
 flags.DEFINE_string(
     "calibration", "ptb", "Calibration tokens: 'ptb', 'char', a .npy of ids or a text file."
@@ -38,6 +44,13 @@ flags.DEFINE_integer("seq_len", 2048, "Tokens per calibration sequence (at most 
 flags.DEFINE_integer("batch_size", 8, "Calibration sequences per forward pass.")
 flags.DEFINE_integer("seed", 0, "Seed of the calibration draw.")
 flags.DEFINE_list("skip", ["lm_head"], "Layer patterns kept float (if the model has them).")
+flags.DEFINE_enum(
+    "schedule",
+    "auto",
+    list(SCHEDULES),
+    "How the model is run: block_wise (one decoder block at a time, memory independent of "
+    "depth), one_pass, layer_by_layer; auto: one_pass unless it would not fit, then block_wise.",
+)
 flags.DEFINE_bool("sequential", True, "Each layer sees the inputs of the partly quantized model.")
 flags.mark_flags_as_required(["model_dir", "output_dir"])
 
@@ -46,6 +59,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError("Too many command-line arguments.")
     logging.set_verbosity(logging.INFO)
+    try:
+        method = pipeline.make_method(FLAGS.method, damping=FLAGS.damping)
+    except ValueError as e:
+        raise app.UsageError(f"--damping: {e}") from e
     config = llama.LlamaConfig.from_hf(llama.read_config(FLAGS.model_dir))
     seq_len = min(FLAGS.seq_len, config.max_position_embeddings)
     tokens = pipeline.load_tokens(
@@ -59,7 +76,7 @@ def main(argv):
         seed=FLAGS.seed,
     )
     spec = LayerSpec(
-        method=FLAGS.method,
+        method=method,
         bits=FLAGS.bits,
         c=FLAGS.c,
         rule="max",
@@ -74,6 +91,7 @@ def main(argv):
         spec=spec,
         skip=FLAGS.skip,
         sequential=FLAGS.sequential,
+        schedule=FLAGS.schedule,
     )
     print(
         f"wrote {FLAGS.output_dir}: {len(report['layers'])} layers in "

@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from qjax.llm import checkpoint
+from qjax.models.transformer import check_tokens
 from qjax.rules import path_name
 
 __all__ = [
@@ -420,17 +421,9 @@ class Llama(nnx.Module):
         Returns:
           (batch, time, vocab_size) float32 logits; position t sees tokens 0..t only.
         """
-        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-            raise ValueError(
-                f"tokens must be integer ids of shape (batch, time), got {tokens.dtype} "
-                f"{tokens.shape}"
-            )
-        length = tokens.shape[1]
-        if length > self.config.max_position_embeddings:
-            raise ValueError(
-                f"sequence length {length} exceeds max_position_embeddings "
-                f"{self.config.max_position_embeddings}"
-            )
+        length = check_tokens(
+            tokens, self.config.max_position_embeddings, limit="max_position_embeddings"
+        )
         inv_freq = jnp.asarray(rope_frequencies(self.config), jnp.float32)
         angles = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq[None, :]
         angles = jnp.concatenate([angles, angles], axis=-1)[:, None, :]  # (time, 1, head_dim)

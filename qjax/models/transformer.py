@@ -110,6 +110,30 @@ class Block(nnx.Module):
         return x + self.dropout(self.mlp_out(nnx.gelu(self.mlp_in(self.mlp_norm(x)))))
 
 
+def check_tokens(tokens: jax.Array, max_len: int, *, limit: str) -> int:
+    """Checks the shape and dtype of a language model's input (static: fine under jit).
+
+    Args:
+      tokens: (batch, time) integer token ids.
+      max_len: the longest time the model accepts.
+      limit: the name of that limit in the error ("the model's max_len").
+
+    Returns:
+      time.
+
+    Raises:
+      ValueError: tokens that are not (batch, time) integers, or longer than max_len.
+    """
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(
+            f"tokens must be integer ids of shape (batch, time), got {tokens.dtype} {tokens.shape}"
+        )
+    length = tokens.shape[1]
+    if length > max_len:
+        raise ValueError(f"sequence length {length} exceeds {limit} {max_len}")
+    return length
+
+
 class TransformerLM(nnx.Module):
     """Decoder-only transformer language model: token ids → next-token logits.
 
@@ -166,16 +190,7 @@ class TransformerLM(nnx.Module):
         Returns:
           (batch, time, vocab_size) float32 logits; position t sees tokens 0..t only.
         """
-        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-            raise ValueError(
-                f"tokens must be integer ids of shape (batch, time), got {tokens.dtype} "
-                f"{tokens.shape}"
-            )
-        length = tokens.shape[1]
-        if length > self.config.max_len:
-            raise ValueError(
-                f"sequence length {length} exceeds the model's max_len {self.config.max_len}"
-            )
+        length = check_tokens(tokens, self.config.max_len, limit="the model's max_len")
         x = self.embed(tokens) + self.position(jnp.arange(length))
         x = self.dropout(x)
         mask = nnx.make_causal_mask(tokens, dtype=jnp.bool_)
