@@ -24,7 +24,7 @@ from experiments.lm.configs import ptb
 
 def get_config() -> ml_collections.ConfigDict:
     config = ptb.get_config()
-    config.epochs = 20
+    config.epochs = 8
     config.model.dropout_rate = 0.2
     config.ptq.methods = ("gpfq", "qronos", "gptq", "msq")
     config.ptq.bits = (4, 3, 2)
