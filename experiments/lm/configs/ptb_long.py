@@ -6,11 +6,12 @@
         --workdir=/tmp/qjax/lm_ptb_long
 
 The model and training settings of ptb.py (4 layers, d_model 128, tied embedding, dropout 0.1)
-trained 6 epochs instead of 3 (its validation perplexity was still falling at 277 → 207 → 186);
-the cosine schedule decays over all 6 epochs. CPU budget: the step takes 1.6 CPU-seconds, so
-6 × 226 steps ≈ 36 minutes of CPU time, plus ≈ 20 CPU-seconds of validation per epoch; it had
-to finish within 75 minutes of wall time on 2 cores shared with other jobs, where it got about
-half a core. 20 epochs (≈ 2 hours of CPU time) would be nearer convergence.
+trained 4 epochs instead of 3 (its validation perplexity was still falling at 277 → 207 → 186);
+the cosine schedule decays over all 4 epochs. CPU budget: the step takes 1.6 CPU-seconds, so
+4 × 226 steps ≈ 24 minutes of CPU time, plus ≈ 20 CPU-seconds of validation per epoch; training
+and the quantization sweep had to fit 90 minutes of wall time on 2 cores shared with other
+jobs, where training got less than half a core. More epochs would bring the model nearer
+convergence (20 epochs: ≈ 2 hours of CPU time).
 
 Quantized: every attention and MLP kernel (the tied head is the float embedding) with GPFQ,
 Qronos, GPTQ and RTN (MSQ) at 2, 3 and 4 bits, per channel, per tensor, and in groups of 128
@@ -30,7 +31,7 @@ from experiments.lm.configs import ptb
 
 def get_config() -> ml_collections.ConfigDict:
     config = ptb.get_config()
-    config.epochs = 6
+    config.epochs = 4
     config.ptq.methods = ("gpfq", "qronos", "gptq", "msq")
     config.ptq.bits = (2, 3, 4)
     config.ptq.c_values = (1.0,)
