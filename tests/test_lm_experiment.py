@@ -264,6 +264,7 @@ def test_a_single_c_skips_validation_and_a_stopped_sweep_keeps_its_finished_cell
     config = small_ptq_config()
     config.ptq.update(c_values=(1.0,), bits=(2, 3))
     config.ptq.granularities = ("tensor",)
+    config.ptq.output_dir = "ptq_tensor"
     score = ptq.quantize_and_score
 
     def stop_at_msq(*args, method, **kwargs):
@@ -274,7 +275,7 @@ def test_a_single_c_skips_validation_and_a_stopped_sweep_keeps_its_finished_cell
     monkeypatch.setattr(ptq, "quantize_and_score", stop_at_msq)
     with pytest.raises(KeyboardInterrupt):
         ptq.run(config, str(tmp_path))
-    out = tmp_path / ptq.OUTPUT_DIR
+    out = tmp_path / "ptq_tensor"
     saved = json.loads((out / "results.json").read_text())
     assert [(r["method"], r["bits"]) for r in saved["best"]] == [("gpfq", 2)]
     assert all(r["valid_perplexity"] is None for r in saved["sweep"])

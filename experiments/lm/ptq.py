@@ -12,7 +12,8 @@ the head when it is tied to the embedding; an untied head is rounded to `config.
 (RTN per channel; 0 keeps it float). The scale constant C is chosen among `config.ptq.c_values`
 (None: the MSE-best C per scale group) by validation perplexity, for each seed; the chosen
 model's test perplexity is reported, and with several seeds its mean ± std over the seeds.
-Outputs go to `<workdir>/ptq`: results.json, results.md (command and machine), and the plots
+Outputs go to `<workdir>/<config.ptq.output_dir>` ("ptq" when absent; another name keeps
+sweeps of one float model apart): results.json, results.md (command and machine), and the plots
 perplexity_vs_bits.png and layer_error.png.
 """
 
@@ -376,7 +377,8 @@ def plot_perplexity(results: dict, path: str) -> None:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """The sweep on the float model of `workdir`; outputs in `<workdir>/ptq`, rewritten after
+    """The sweep on the float model of `workdir`; outputs in `<workdir>/ptq` (or
+    config.ptq.output_dir), rewritten after
     every finished cell of the sweep (a stopped run keeps the cells it finished; the cells not
     run read "not run").
 
@@ -418,7 +420,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "layer_errors_at": f"{lowest}-bit {scales_label(first_granularity, ptq.group_size)}, "
         f"best C, calibration seed {calibration_seeds(config)[0]}",
     }
-    out = common.Workdir(os.path.join(workdir, OUTPUT_DIR))
+    out = common.Workdir(os.path.join(workdir, ptq.get("output_dir", OUTPUT_DIR)))
     os.makedirs(out.path, exist_ok=True)
 
     def write(rows: list[dict], best: list[dict]) -> dict[str, Any]:

@@ -38,4 +38,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.ptq.group_size = 128
     config.ptq.granularities = ("channel", "tensor", "group")
     config.ptq.calibration_seeds = (0, 1, 2)
+    config.ptq.output_dir = "ptq"  # <workdir>/ptq; e.g. one folder per granularity
     return config
