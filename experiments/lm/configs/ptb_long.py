@@ -2,8 +2,11 @@
 
     python -m experiments.lm.main --config=experiments/lm/configs/ptb_long.py \
         --workdir=/tmp/qjax/lm_ptb_long
-    python -m experiments.lm.quantize --config=experiments/lm/configs/ptb_long.py \
-        --workdir=/tmp/qjax/lm_ptb_long
+    for g in channel tensor; do  # one process per granularity, side by side
+      python -m experiments.lm.quantize --config=experiments/lm/configs/ptb_long.py \
+          --workdir=/tmp/qjax/lm_ptb_long "--config.ptq.granularities=(\"$g\",)" \
+          --config.ptq.output_dir=ptq_$g &
+    done
 
 The model and training settings of ptb.py (4 layers, d_model 128, tied embedding, dropout 0.1)
 trained 4 epochs instead of 3 (its validation perplexity was still falling at 277 → 207 → 186);
@@ -19,9 +22,12 @@ inputs (the MLP's output projection has 512 inputs: 4 groups; the other kernels 
 a group is a channel), for each of 3 calibration seeds, reported as mean ± std over the seeds.
 One scale constant for every method, C = 1 (absmax, rule "max"): choosing C on validation
 between it and the MSE-best C doubles the quantizations and adds a validation pass per model,
-which this budget does not afford. The sweep runs per channel first, then per tensor, then
-group 128, and rewrites its results after every cell; a stopped sweep reports the cells it
-finished ("not run" for the others).
+which this budget does not afford. Run as one command, the sweep takes the granularities in
+order (per channel, per tensor, group 128) and rewrites its results after every cell; a stopped
+sweep reports the cells it finished ("not run" for the others). The run in
+`results/lm_ptb_long/` is the two processes above (per channel and per tensor, each in its own
+output folder); group 128, which differs from per channel only in the MLP's output projection,
+did not fit the budget.
 """
 
 import ml_collections
