@@ -79,6 +79,7 @@ __all__ = [
     "hold_out",
     "machine",
     "make_train_step",
+    "mean_std",
     "open_workdir",
     "phase_key",
     "run_phase",
@@ -648,6 +649,14 @@ def library_key() -> str:
     info = library()
     text = f"{info['version']}:{info['commit']}:{info['dirty']}"
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def mean_std(values: Sequence[float]) -> dict[str, Any]:
+    """Mean and sample standard deviation (ddof = 1) of the seeds' values (at least two)."""
+    values = [float(v) for v in values]
+    if len(values) < 2:
+        raise ValueError(f"a standard deviation over seeds needs two or more values, got {values}")
+    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)), "values": values}
 
 
 def _json_default(value: Any) -> Any:

@@ -146,7 +146,7 @@ def test_ptb_config_builds_its_model():
 
 def test_ptb_long_config_sweeps_every_scale_and_seed():
     config = ptb_long.get_config()
-    assert ptq.granularities(config) == ("channel", "group", "tensor")
+    assert ptq.granularities(config) == ("channel", "tensor", "group")
     assert ptq.calibration_seeds(config) == (0, 1, 2)
     assert all(m in qjax.methods.names() for m in config.ptq.methods)
     model = nnx.eval_shape(lambda: pipeline.make_model(config, 10_000))
@@ -254,6 +254,37 @@ def test_calibration_seeds_each_choose_c_and_give_mean_and_std(tmp_path):
     assert f"| GPFQ | per tensor | {summary['mean']:.2f} ± {summary['std']:.2f} |" in table
     windows = [ptq.calibration(pipeline.load_corpus(config), config, seed) for seed in (0, 1)]
     assert not np.array_equal(windows[0][0], windows[1][0])
+
+
+def test_a_single_c_skips_validation_and_a_stopped_sweep_keeps_its_finished_cells(
+    tmp_path, monkeypatch
+):
+    """With one C there is nothing to choose (no validation pass); results.json is rewritten
+    after every cell, so a sweep stopped in its second method keeps the first one's cells."""
+    config = small_ptq_config()
+    config.ptq.update(c_values=(1.0,), bits=(2, 3))
+    config.ptq.granularities = ("tensor",)
+    config.ptq.output_dir = "ptq_tensor"
+    score = ptq.quantize_and_score
+
+    def stop_at_msq(*args, method, **kwargs):
+        if method == "msq":
+            raise KeyboardInterrupt
+        return score(*args, method=method, **kwargs)
+
+    monkeypatch.setattr(ptq, "quantize_and_score", stop_at_msq)
+    with pytest.raises(KeyboardInterrupt):
+        ptq.run(config, str(tmp_path))
+    out = tmp_path / "ptq_tensor"
+    saved = json.loads((out / "results.json").read_text())
+    assert [(r["method"], r["bits"]) for r in saved["best"]] == [("gpfq", 2)]
+    assert all(r["valid_perplexity"] is None for r in saved["sweep"])
+    [cell] = saved["best"]
+    table = (out / "results.md").read_text()
+    assert "C = 1 " in table
+    assert f"| float | {saved['float']['valid_perplexity']:.2f} " in table
+    assert f"| GPFQ | per tensor | {cell['test_perplexity']:.2f} (1) | not run |" in table
+    assert "| MSQ | per tensor | not run | not run |" in table
 
 
 def test_layer_specs_and_head_rules():

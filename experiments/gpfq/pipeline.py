@@ -207,25 +207,19 @@ def with_seed(config: ml_collections.ConfigDict, seed: int) -> ml_collections.Co
     return seeded
 
 
-def mean_std(values: list[float]) -> dict:
-    """Mean and sample standard deviation (ddof = 1) of the seeds' values."""
-    values = [float(v) for v in values]
-    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)), "values": values}
-
-
 def seeds_summary(
     runs: list[SeedRun], all_rows: list[list[dict]], methods: tuple[str, ...], levels: tuple
 ) -> dict:
     """Test accuracy over the seeds, each at the C its own validation split chose."""
     return {
         "seeds": [run.config.seed for run in runs],
-        "float": mean_std([run.trained.test_accuracy for run in runs]),
+        "float": common.mean_std([run.trained.test_accuracy for run in runs]),
         "chosen_on_valid": {
             m: [
                 {
                     "level": level_label(n),
                     "c": [choose(rows, m, n, by="valid_accuracy")["c"] for rows in all_rows],
-                    **mean_std(
+                    **common.mean_std(
                         [
                             choose(rows, m, n, by="valid_accuracy")["test_accuracy"]
                             for rows in all_rows

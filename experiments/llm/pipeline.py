@@ -26,10 +26,8 @@ import json
 import os
 import shlex
 import subprocess
-import time
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 import optax
@@ -87,46 +85,22 @@ def evaluate_perplexity(
 def train(
     config: ml_collections.ConfigDict, workdir: common.Workdir, corpus: data.TextCorpus
 ) -> tuple[llama.Llama, dict]:
-    """Trains the float model for config.epochs (resuming from the workdir's checkpoints).
+    """Trains the float model for config.epochs (resuming from the workdir's checkpoints), with
+    the transformer experiment's loop (`experiments.lm.pipeline.train_model`).
 
     Returns:
       (the trained model, the phase history by epoch: train_loss, valid_perplexity,
       train_seconds (the epoch's steps; the first one compiles) and train_tokens_per_s).
     """
-    model = make_model(config, len(corpus.vocab))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    steps = steps_per_epoch(config, len(corpus.train))
-    tx = lm_pipeline.make_optimizer(config, steps * config.epochs)
-    state = common.TrainState.create(params, tx, key=common.phase_key(config.seed, "float"))
-    tokens_per_epoch = steps * config.batch_size * config.seq_len
-    clock = {"last": time.perf_counter()}
-
-    def evaluate(state: common.TrainState) -> dict[str, float]:
-        train_seconds = time.perf_counter() - clock["last"]
-        valid = evaluate_perplexity(nnx.merge(graphdef, state.params, rest), corpus.valid, config)
-        clock["last"] = time.perf_counter()
-        return {
-            "valid_perplexity": valid,
-            "train_seconds": train_seconds,
-            "train_tokens_per_s": tokens_per_epoch / train_seconds,
-        }
-
-    logging.info(
-        "training %d parameters, %d steps per epoch of %d tokens",
-        sum(p.size for p in jax.tree.leaves(params)),
-        steps,
-        tokens_per_epoch,
-    )
-    state, history = common.run_phase(
+    return lm_pipeline.train_model(
+        config,
         workdir,
-        "float",
-        state,
-        common.make_train_step(lm_loss(graphdef, rest), tx),
-        lambda epoch: lm_pipeline.train_batches(corpus.train, epoch, config)[:steps],
-        epochs=config.epochs,
-        evaluate=evaluate,
+        corpus,
+        make_model(config, len(corpus.vocab)),
+        lm_loss,
+        steps=steps_per_epoch(config, len(corpus.train)),
+        perplexity=evaluate_perplexity,
     )
-    return nnx.merge(graphdef, state.params, rest), history
 
 
 def git_commit() -> str | None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -157,24 +158,37 @@ def timed_perplexity(
     return value, (len(tokens) - 1) / (time.perf_counter() - start)
 
 
-def train(
-    config: ml_collections.ConfigDict, workdir: common.Workdir, corpus: data.TextCorpus
-) -> tuple[TransformerLM, dict]:
-    """Trains the float model for config.epochs (resuming from the workdir's checkpoints).
+def train_model(
+    config: ml_collections.ConfigDict,
+    workdir: common.Workdir,
+    corpus: data.TextCorpus,
+    model: nnx.Module,
+    loss: Callable[[nnx.GraphDef, nnx.State], common.LossFn],
+    *,
+    steps: int,
+    perplexity: Callable[[nnx.Module, np.ndarray, ml_collections.ConfigDict], float],
+) -> tuple[nnx.Module, dict]:
+    """Trains an NNX language model for config.epochs (resuming from the workdir's checkpoints).
+
+    The loop both language-model experiments share: `make_optimizer` over steps × epochs,
+    `train_batches` cut to `steps` per epoch, the validation perplexity and the epoch's training
+    time after each epoch, `common.run_phase`'s checkpoints.
 
     Args:
-      config: the experiment config.
+      config: the experiment config (seed, epochs, batch_size, seq_len, optimizer fields).
       workdir: from `common.open_workdir`.
       corpus: from `load_corpus`.
+      model: the fresh model, split into `nnx.Param` and the rest.
+      loss: (graphdef, rest) ↦ the loss function of `common.make_train_step`.
+      steps: optimizer steps per epoch (at most `steps_per_epoch(config, len(corpus.train))`).
+      perplexity: (model, tokens, config) ↦ the perplexity of a split.
 
     Returns:
       (the trained model, the phase history by epoch: train_loss, valid_perplexity,
       train_seconds (the epoch's steps, without evaluation; the first one compiles) and
       train_tokens_per_s).
     """
-    model = make_model(config, len(corpus.vocab))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    steps = steps_per_epoch(config, len(corpus.train))
     tx = make_optimizer(config, steps * config.epochs)
     state = common.TrainState.create(params, tx, key=common.phase_key(config.seed, "float"))
     tokens_per_epoch = steps * config.batch_size * config.seq_len
@@ -182,7 +196,7 @@ def train(
 
     def evaluate(state: common.TrainState) -> dict[str, float]:
         train_seconds = time.perf_counter() - clock["last"]
-        valid, _ = timed_perplexity(nnx.merge(graphdef, state.params, rest), corpus.valid, config)
+        valid = perplexity(nnx.merge(graphdef, state.params, rest), corpus.valid, config)
         clock["last"] = time.perf_counter()
         return {
             "valid_perplexity": valid,
@@ -200,12 +214,32 @@ def train(
         workdir,
         "float",
         state,
-        common.make_train_step(lm_loss(graphdef, rest), tx),
-        lambda epoch: train_batches(corpus.train, epoch, config),
+        common.make_train_step(loss(graphdef, rest), tx),
+        lambda epoch: train_batches(corpus.train, epoch, config)[:steps],
         epochs=config.epochs,
         evaluate=evaluate,
     )
     return nnx.merge(graphdef, state.params, rest), history
+
+
+def train(
+    config: ml_collections.ConfigDict, workdir: common.Workdir, corpus: data.TextCorpus
+) -> tuple[TransformerLM, dict]:
+    """Trains the float `TransformerLM` for config.epochs (resuming from the workdir's
+    checkpoints), with dropout, a full pass over the training split per epoch.
+
+    Returns:
+      (the trained model, the phase history of `train_model`).
+    """
+    return train_model(
+        config,
+        workdir,
+        corpus,
+        make_model(config, len(corpus.vocab)),
+        lm_loss,
+        steps=steps_per_epoch(config, len(corpus.train)),
+        perplexity=lambda m, tokens, c: timed_perplexity(m, tokens, c)[0],
+    )
 
 
 def save_float_model(model: TransformerLM, workdir: common.Workdir) -> None:

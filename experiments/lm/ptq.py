@@ -12,7 +12,8 @@ the head when it is tied to the embedding; an untied head is rounded to `config.
 (RTN per channel; 0 keeps it float). The scale constant C is chosen among `config.ptq.c_values`
 (None: the MSE-best C per scale group) by validation perplexity, for each seed; the chosen
 model's test perplexity is reported, and with several seeds its mean ± std over the seeds.
-Outputs go to `<workdir>/ptq`: results.json, results.md (command and machine), and the plots
+Outputs go to `<workdir>/<config.ptq.output_dir>` ("ptq" when absent; another name keeps
+sweeps of one float model apart): results.json, results.md (command and machine), and the plots
 perplexity_vs_bits.png and layer_error.png.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import ml_collections
@@ -125,8 +127,10 @@ def quantize_and_score(
     bits: int,
     granularity: str,
     c: float | None,
+    validate: bool = True,
 ) -> tuple[TransformerLM, dict[str, Any]]:
-    """One quantized model and its row: validation perplexity, seconds, per-layer reports."""
+    """One quantized model and its row: validation perplexity (None when not `validate`: a
+    single C has nothing to choose), seconds, per-layer reports."""
     spec = layer_spec(config, method=method, bits=bits, granularity=granularity, c=c)
     start = time.perf_counter()
     quantized, reports = qjax.quantize_model(
@@ -139,7 +143,7 @@ def quantize_and_score(
         "granularity": granularity,
         "c": c,
         "seconds": seconds,
-        "valid_perplexity": perplexity(quantized, valid, config),
+        "valid_perplexity": perplexity(quantized, valid, config) if validate else None,
         "layers": [  # the quantized and skipped layers, as plain numbers
             {k: v for k, v in r._asdict().items() if k != "alphabet"}
             for r in reports
@@ -147,24 +151,35 @@ def quantize_and_score(
         ],
     }
     logging.info(
-        "%s %d-bit %s C=%s: valid perplexity %.2f (%.1fs)",
+        "%s %d-bit %s C=%s: valid perplexity %s (%.1fs)",
         method,
         bits,
         granularity,
         c,
-        row["valid_perplexity"],
+        "not measured" if row["valid_perplexity"] is None else f"{row['valid_perplexity']:.2f}",
         seconds,
     )
     return quantized, row
 
 
 def sweep(
-    model: TransformerLM, corpus: data.TextCorpus, config: ml_collections.ConfigDict
+    model: TransformerLM,
+    corpus: data.TextCorpus,
+    config: ml_collections.ConfigDict,
+    *,
+    on_cell: Callable[[list[dict], list[dict]], None] | None = None,
 ) -> tuple[list[dict], list[dict]]:
-    """Every (method, bits, granularity, C, calibration seed); for each seed, the best C of each
-    (method, bits, granularity) by validation perplexity.
+    """Every (granularity, bits, method, C, calibration seed); for each seed, the best C of each
+    (granularity, bits, method) by validation perplexity (no validation pass for a single C).
 
-    The seeds are the inner loop, so that their models (one spec) reuse one compiled pass.
+    The seeds are the inner loop, so that their models (one spec) reuse one compiled pass; the
+    granularities are the outer one, in config order, and bits in config order within each, so
+    that a sweep stopped early has finished whole cells of its first granularities.
+
+    Args:
+      model, corpus, config: the float model, its corpus and the experiment config.
+      on_cell: called as `on_cell(rows, best)` after every finished (granularity, bits, method),
+        e.g. to write the results so far.
 
     Returns:
       (all rows, the best row of each (method, bits, granularity, seed) with its
@@ -173,10 +188,11 @@ def sweep(
     ptq = config.ptq
     seeds = calibration_seeds(config)
     batches = {seed: calibration(corpus, config, seed) for seed in seeds}
+    validate = len(ptq.c_values) > 1
     rows, best = [], []
-    for method in ptq.methods:
+    for granularity in granularities(config):
         for bits in ptq.bits:
-            for granularity in granularities(config):
+            for method in ptq.methods:
                 candidates = {seed: [] for seed in seeds}
                 for c in ptq.c_values:
                     for seed in seeds:
@@ -189,15 +205,19 @@ def sweep(
                             bits=bits,
                             granularity=granularity,
                             c=c,
+                            validate=validate,
                         )
                         row["seed"] = seed
                         rows.append(row)
                         candidates[seed].append((quantized, row))
                 for seed in seeds:
                     chosen, row = min(
-                        candidates[seed], key=lambda pair: pair[1]["valid_perplexity"]
+                        candidates[seed],
+                        key=lambda pair: pair[1]["valid_perplexity"] if validate else 0.0,
                     )
                     best.append({**row, "test_perplexity": perplexity(chosen, corpus.test, config)})
+                if on_cell is not None:
+                    on_cell(rows, best)
     return rows, best
 
 
@@ -241,12 +261,19 @@ def c_label(c: float | None) -> str:
 def results_markdown(results: dict) -> str:
     """Test perplexity by method, granularity and bits (best C on validation), times, errors."""
     bits = results["bits"]
+    c_values = results["c_values"]
+    choice = (
+        f"C chosen on validation among {c_values}"
+        if len(c_values) > 1
+        else "C = the MSE-best C of each scale group"
+        if c_values[0] == "MSE"
+        else f"C = {c_values[0]}"
+    )
     lines = [
         f"Float: valid perplexity {results['float']['valid_perplexity']:.2f}, test perplexity "
         f"{results['float']['test_perplexity']:.2f}. Quantized: {results['quantized_layers']}; "
         f"{results['float_layers']}. Calibration: {results['calibration_tokens']:,} training "
-        f"tokens. C chosen on validation among {results['c_values']} (rule "
-        f"{results['rule']!r}); test perplexity (C):",
+        f"tokens. {choice} (rule {results['rule']!r}); test perplexity (C):",
         "",
         "| method | scales | " + " | ".join(f"{b}-bit" for b in bits) + " |",
         "|---|---|" + "---|" * len(bits),
@@ -257,10 +284,17 @@ def results_markdown(results: dict) -> str:
             f"Float: valid perplexity {results['float']['valid_perplexity']:.2f}, test perplexity "
             f"{results['float']['test_perplexity']:.2f}. Quantized: {results['quantized_layers']}; "
             f"{results['float_layers']}. Calibration: {results['calibration_tokens']:,} training "
-            f"tokens, drawn by each of {len(seeds)} seeds ({', '.join(map(str, seeds))}); for "
-            f"each seed C is chosen on validation among {results['c_values']} (rule "
+            f"tokens, drawn by each of {len(seeds)} seeds ({', '.join(map(str, seeds))}); "
+            f"{'for each seed ' if len(c_values) > 1 else ''}{choice} (rule "
             f"{results['rule']!r}). Test perplexity, mean ± standard deviation over the seeds:"
         )
+    lines[:0] = [
+        "| model | valid perplexity | test perplexity |",
+        "|---|---|---|",
+        f"| float | {results['float']['valid_perplexity']:.2f} "
+        f"| {results['float']['test_perplexity']:.2f} |",
+        "",
+    ]
     for method in results["methods"]:
         for granularity in results["granularities"]:
             if len(seeds) > 1:
@@ -277,7 +311,9 @@ def results_markdown(results: dict) -> str:
                 }
             scales = scales_label(granularity, results["group_size"])
             lines.append(
-                f"| {method.upper()} | {scales} | " + " | ".join(cells[b] for b in bits) + " |"
+                f"| {method.upper()} | {scales} | "
+                + " | ".join(cells.get(b, "not run") for b in bits)
+                + " |"
             )
     lines += [
         "",
@@ -290,6 +326,8 @@ def results_markdown(results: dict) -> str:
     for method, t in results["seconds"].items():
         lines.append(f"| {method.upper()} | {t['first']:.1f} | {t['median']:.1f} |")
     errors = results["layer_errors"]
+    if not errors:
+        return "\n".join(lines) + "\n"
     lines += [
         "",
         f"Per-layer relative error ||XW − X~Q|| / ||XW||, {results['layer_errors_at']}:",
@@ -316,6 +354,8 @@ def plot_perplexity(results: dict, path: str) -> None:
                 for r in results["over_seeds"]
                 if r["method"] == method and r["granularity"] == granularity
             ]
+            if not rows:  # a cell not run (yet)
+                continue
             ax.errorbar(
                 [r["bits"] for r in rows],
                 [r["mean"] for r in rows],
@@ -329,7 +369,7 @@ def plot_perplexity(results: dict, path: str) -> None:
     ax.set_yscale("log")
     ax.set_xticks(results["bits"])
     ax.set_xlabel("bits per weight")
-    ax.set_ylabel("test perplexity (best C on valid; mean ± std over seeds)")
+    ax.set_ylabel("test perplexity (mean ± std over seeds)")
     ax.set_title(results["title"])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -337,7 +377,10 @@ def plot_perplexity(results: dict, path: str) -> None:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """The sweep on the float model of `workdir`; outputs in `<workdir>/ptq`.
+    """The sweep on the float model of `workdir`; outputs in `<workdir>/ptq` (or
+    config.ptq.output_dir), rewritten after
+    every finished cell of the sweep (a stopped run keeps the cells it finished; the cells not
+    run read "not run").
 
     Returns:
       The results dict written to `<workdir>/ptq/results.json`.
@@ -349,18 +392,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     workdir = os.path.abspath(workdir)
     corpus = pipeline.load_corpus(config)
     model = float_model(config, workdir)
-    rows, best = sweep(model, corpus, config)
     lowest = min(ptq.bits)
     first_granularity = granularities(config)[0]
-    at_lowest = {
-        m: next(
-            r
-            for r in best
-            if r["method"] == m and r["bits"] == lowest and r["granularity"] == first_granularity
-        )
-        for m in ptq.methods
-    }
-    results = {
+    head = {
         "title": f"{corpus.source.rsplit('/', 1)[-1]}: {config.model.num_layers}-layer "
         f"d={config.model.d_model} transformer",
         "float": {
@@ -383,20 +417,33 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "calibration_seeds": list(calibration_seeds(config)),
         "rule": ptq.rule,
         "c_values": [c_label(c) for c in ptq.c_values],
-        "best": best,
-        "over_seeds": over_seeds(best),
-        "seconds": method_seconds(rows),
         "layer_errors_at": f"{lowest}-bit {scales_label(first_granularity, ptq.group_size)}, "
         f"best C, calibration seed {calibration_seeds(config)[0]}",
-        "layer_errors": {m: r["layers"] for m, r in at_lowest.items()},
-        "sweep": rows,
     }
-    out = common.Workdir(os.path.join(workdir, OUTPUT_DIR))
+    out = common.Workdir(os.path.join(workdir, ptq.get("output_dir", OUTPUT_DIR)))
     os.makedirs(out.path, exist_ok=True)
-    results = common.write_results(out, results, results_markdown(results), config)
-    plot_perplexity(results, out.file("perplexity_vs_bits.png"))
-    plots.layer_errors(
-        {**results, "layer_errors_level": results["layer_errors_at"]},
-        out.file("layer_error.png"),
-    )
-    return results
+
+    def write(rows: list[dict], best: list[dict]) -> dict[str, Any]:
+        at_lowest = {}
+        for r in best:
+            if (r["bits"], r["granularity"]) == (lowest, first_granularity):
+                at_lowest.setdefault(r["method"], r)  # the first seed's
+        results = {
+            **head,
+            "best": best,
+            "over_seeds": over_seeds(best),
+            "seconds": method_seconds(rows),
+            "layer_errors": {m: r["layers"] for m, r in at_lowest.items()},
+            "sweep": rows,
+        }
+        results = common.write_results(out, results, results_markdown(results), config)
+        plot_perplexity(results, out.file("perplexity_vs_bits.png"))
+        if at_lowest:
+            plots.layer_errors(
+                {**results, "layer_errors_level": results["layer_errors_at"]},
+                out.file("layer_error.png"),
+            )
+        return results
+
+    rows, best = sweep(model, corpus, config, on_cell=write)
+    return write(rows, best)
