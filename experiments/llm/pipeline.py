@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import subprocess
 from typing import Any
 
 import ml_collections
@@ -101,21 +100,6 @@ def train(
         steps=steps_per_epoch(config, len(corpus.train)),
         perplexity=evaluate_perplexity,
     )
-
-
-def git_commit() -> str | None:
-    """The commit of the checkout this module runs from (None outside a git checkout)."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=os.path.dirname(os.path.abspath(__file__)),
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return out.stdout.strip()
 
 
 def token_source(config: ml_collections.ConfigDict) -> str:
@@ -290,7 +274,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             "tokens": {k: len(getattr(corpus, k)) for k in ("train", "valid", "test")},
         },
         "qjax_version": qjax.__version__,
-        "commit": git_commit(),
+        "commit": common.library()["commit"],
         "scale_constant": config.ptq.c,
         "num_params": sum(int(np.prod(v.get_value().shape)) for _, v in llama.parameters(model)),
         "train_steps": int(steps_per_epoch(config, len(corpus.train)) * config.epochs),
